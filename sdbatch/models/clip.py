@@ -1,0 +1,92 @@
+"""CLIP ViT-L/14 text tower, the text encoder of SD v1 (`cond_stage_model.transformer.text_model.*`)."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import namespace
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    vocab_size: int = 49408
+    width: int = 768
+    max_positions: int = 77
+    layers: int = 12
+    heads: int = 12
+    mlp: int = 3072
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj = nn.Linear(cfg.width, cfg.width)
+        self.k_proj = nn.Linear(cfg.width, cfg.width)
+        self.v_proj = nn.Linear(cfg.width, cfg.width)
+        self.out_proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # token i sees tokens <= i
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp)
+        self.fc2 = nn.Linear(cfg.mlp, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))  # QuickGELU, as CLIP was trained
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.width)
+        self.mlp = CLIPMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.embeddings = namespace(
+            token_embedding=nn.Embedding(cfg.vocab_size, cfg.width),
+            position_embedding=nn.Embedding(cfg.max_positions, cfg.width),
+        )
+        self.encoder = namespace(layers=nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers)))
+        self.final_layer_norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # positions come from a slice, not a `position_ids` buffer: merged checkpoints often carry a
+        # corrupted float copy of that buffer, and a buffer-free model loads straight from meta.
+        x = self.embeddings.token_embedding(input_ids)
+        x = x + self.embeddings.position_embedding.weight[: input_ids.shape[1]]
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.final_layer_norm(x)
+
+
+class CLIPTextEncoder(nn.Module):
+    """Token ids (B, <=77) -> last hidden state (B, <=77, 768), the UNet's cross-attention context."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = namespace(text_model=CLIPTextTransformer(cfg))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.transformer.text_model(input_ids)

@@ -1,0 +1,154 @@
+"""The SD v1 denoising UNet (`model.diffusion_model.*`): predicts the noise in a latent at step t."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import BasicTransformerBlock
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # 9 for inpainting checkpoints: latents + mask + masked-image latents
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    num_heads: int = 8
+    context_dim: int = 768
+    norm_groups: int = 32
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoids with cos first, as the LDM checkpoints were trained (diffusers: flip_sin_to_cos)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cfg: UNetConfig, cin: int, cout: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(cfg.norm_groups, cin), nn.SiLU(),
+                                       nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(cfg.time_embed_dim, cout))
+        # index 2 was dropout in LDM; Identity keeps the conv at `out_layers.3`
+        self.out_layers = nn.Sequential(nn.GroupNorm(cfg.norm_groups, cout), nn.SiLU(), nn.Identity(),
+                                        nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class SpatialTransformer(nn.Module):
+    """Image features attend to themselves and to the prompt, as tokens (B, H*W, C)."""
+
+    def __init__(self, cfg: UNetConfig, channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, cfg.num_heads, cfg.context_dim)])
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepBlock(nn.Sequential):
+    """A numbered stage (`input_blocks.4`): each layer takes what it needs of (x, emb, context)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        mc = cfg.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(mc, cfg.time_embed_dim), nn.SiLU(),
+                                        nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim))
+
+        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skips = [mc]  # channels of each skip connection, consumed in reverse by the output blocks
+        ch = mc
+        last = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(cfg, ch, mult * mc)]
+                ch = mult * mc
+                if cfg.attention_levels[level]:
+                    layers.append(SpatialTransformer(cfg, ch))
+                self.input_blocks.append(TimestepBlock(*layers))
+                skips.append(ch)
+            if level != last:
+                self.input_blocks.append(TimestepBlock(Downsample(ch)))
+                skips.append(ch)
+
+        self.middle_block = TimestepBlock(ResBlock(cfg, ch, ch), SpatialTransformer(cfg, ch), ResBlock(cfg, ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(cfg, ch + skips.pop(), mult * mc)]
+                ch = mult * mc
+                if cfg.attention_levels[level]:
+                    layers.append(SpatialTransformer(cfg, ch))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepBlock(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(cfg.norm_groups, ch), nn.SiLU(),
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_channels, h, w) latents; t: (B,) timesteps; context: (B, tokens, context_dim)."""
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        hs = []
+        for block in self.input_blocks:
+            x = block(x, emb, context)
+            hs.append(x)
+        x = self.middle_block(x, emb, context)
+        for block in self.output_blocks:
+            x = block(torch.cat([x, hs.pop()], dim=1), emb, context)
+        return self.out(x)
