@@ -1,6 +1,6 @@
 """The three SD v1 networks under one module whose state-dict keys are the LDM checkpoint's keys."""
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -10,8 +10,16 @@ from .common import namespace
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
-__all__ = ["CONFIGS", "CLIPConfig", "SDConfig", "StableDiffusion", "UNetConfig", "VAEConfig", "build_model",
-           "get_config"]
+__all__ = [
+    "CONFIGS",
+    "CLIPConfig",
+    "SDConfig",
+    "StableDiffusion",
+    "UNetConfig",
+    "VAEConfig",
+    "build_model",
+    "get_config",
+]
 
 
 @dataclass(frozen=True)
@@ -21,15 +29,38 @@ class SDConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SDConfig":
+        """Inverse of `to_dict` (JSON turns tuples into lists); raises TypeError/KeyError on bad data."""
+
+        def part(kind: type, values: dict):
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        return cls(
+            name=str(data["name"]),
+            unet=part(UNetConfig, data["unet"]),
+            vae=part(VAEConfig, data["vae"]),
+            clip=part(CLIPConfig, data["clip"]),
+        )
+
 
 _SD15 = SDConfig("sd15")
 # Small enough to run a forward pass in milliseconds on a CPU; same structure, so every code path
 # (attention at some levels only, skip convs, up/downsampling) is exercised.
 _TINY = SDConfig(
     "tiny",
-    unet=UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, False), num_heads=2,
-                    context_dim=32, norm_groups=8),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+    unet=UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2),
+        attention_levels=(True, False),
+        num_heads=2,
+        context_dim=32,
+        norm_groups=8,
+    ),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8),  # f=8 like SD
     clip=CLIPConfig(width=32, layers=2, heads=2, mlp=64),
 )
 
@@ -74,8 +105,9 @@ class StableDiffusion(nn.Module):
         return self.cond_stage_model
 
 
-def build_model(config: "str | SDConfig" = "sd15", device: "str | torch.device" = "cpu",
-                dtype: torch.dtype = torch.float32) -> StableDiffusion:
+def build_model(
+    config: "str | SDConfig" = "sd15", device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32
+) -> StableDiffusion:
     """A randomly initialised model; on `device="meta"` it has shapes only and costs no memory."""
     cfg = get_config(config)
     with torch.device(device):

@@ -38,12 +38,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class ResBlock(nn.Module):
     def __init__(self, cfg: UNetConfig, cin: int, cout: int):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(cfg.norm_groups, cin), nn.SiLU(),
-                                       nn.Conv2d(cin, cout, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(cfg.time_embed_dim, cout))
         # index 2 was dropout in LDM; Identity keeps the conv at `out_layers.3`
-        self.out_layers = nn.Sequential(nn.GroupNorm(cfg.norm_groups, cout), nn.SiLU(), nn.Identity(),
-                                        nn.Conv2d(cout, cout, 3, padding=1))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, cout), nn.SiLU(), nn.Identity(), nn.Conv2d(cout, cout, 3, padding=1)
+        )
         self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -106,8 +108,9 @@ class UNet(nn.Module):
         super().__init__()
         self.config = cfg
         mc = cfg.model_channels
-        self.time_embed = nn.Sequential(nn.Linear(mc, cfg.time_embed_dim), nn.SiLU(),
-                                        nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim))
+        self.time_embed = nn.Sequential(
+            nn.Linear(mc, cfg.time_embed_dim), nn.SiLU(), nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim)
+        )
 
         self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skips = [mc]  # channels of each skip connection, consumed in reverse by the output blocks
@@ -138,8 +141,9 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(cfg.norm_groups, ch), nn.SiLU(),
-                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, h, w) latents; t: (B,) timesteps; context: (B, tokens, context_dim)."""

@@ -77,8 +77,11 @@ class Upsample(nn.Module):
 
 
 def mid_block(cfg: VAEConfig, channels: int) -> nn.Module:
-    return namespace(block_1=ResnetBlock(cfg, channels, channels), attn_1=AttnBlock(cfg, channels),
-                     block_2=ResnetBlock(cfg, channels, channels))
+    return namespace(
+        block_1=ResnetBlock(cfg, channels, channels),
+        attn_1=AttnBlock(cfg, channels),
+        block_2=ResnetBlock(cfg, channels, channels),
+    )
 
 
 def run_mid(mid: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""The CLIP BPE tokenizer, found on disk without ever touching the network.
+
+A user with only a single-file checkpoint has no tokenizer files, so we look in order:
+  1. a diffusers folder's `tokenizer/`
+  2. a `tokenizer/` folder next to a single-file checkpoint
+  3. `<weights dir>/tokenizer/` ($SDBATCH_WEIGHTS, default ./weights)
+  4. the Hugging Face cache, if openai/clip-vit-large-patch14 (or an SD 1.x repo) is already there
+  5. the CLIP vocabulary bundled with sdbatch (OpenAI's bpe_simple_vocab_16e6.txt.gz, MIT licence)
+"""
+
+import gzip
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import CLIPTokenizer
+
+from .checkpoint import is_diffusers_folder
+
+BUNDLED_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
+# (repo, file) pairs whose cached copy is the SD 1.x tokenizer; looked up in the cache, never fetched
+HF_CACHE_CANDIDATES = (
+    ("openai/clip-vit-large-patch14", "vocab.json"),
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer/vocab.json"),
+    ("runwayml/stable-diffusion-v1-5", "tokenizer/vocab.json"),
+    ("CompVis/stable-diffusion-v1-4", "tokenizer/vocab.json"),
+)
+
+
+class TokenizerError(Exception):
+    """No usable tokenizer; the message says where one was looked for and where to put it."""
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    hf: CLIPTokenizer
+    source: str  # where it came from, for logs and `check-model`
+
+    @property
+    def bos(self) -> int:
+        return self.hf.bos_token_id
+
+    @property
+    def eos(self) -> int:
+        return self.hf.eos_token_id
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def tokens(self, text: str) -> list[int]:
+        """Token ids of `text` without start/end tokens (the pipeline chunks long prompts itself)."""
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, text: str, length: int = 77) -> torch.Tensor:
+        """[BOS, tokens..., EOS, EOS padding] of exactly `length` ids, as SD 1.x was trained.
+        Raises ValueError rather than silently cutting a prompt that does not fit."""
+        ids = [self.bos, *self.tokens(text), self.eos]
+        if len(ids) > length:
+            raise ValueError(f"prompt is {len(ids) - 2} tokens, more than the {length - 2} that fit: {text[:60]!r}")
+        return torch.tensor(ids + [self.eos] * (length - len(ids)), dtype=torch.long)
+
+
+def weights_dir() -> Path:
+    return Path(os.environ.get("SDBATCH_WEIGHTS", "weights"))
+
+
+def _from_folder(folder: Path) -> CLIPTokenizer:
+    has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if not has_bpe and not (folder / "tokenizer.json").is_file():
+        present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise TokenizerError(f"{folder}: a tokenizer folder needs vocab.json and merges.txt (found {present})")
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise TokenizerError(f"{folder}: cannot read the tokenizer files ({e})") from None
+
+
+def _hf_cache_folder() -> Path | None:
+    from huggingface_hub import try_to_load_from_cache  # a transformers dependency; reads the cache only
+
+    for repo, filename in HF_CACHE_CANDIDATES:
+        vocab = try_to_load_from_cache(repo, filename)
+        if isinstance(vocab, str):
+            folder = Path(vocab).parent
+            if (folder / "merges.txt").is_file():
+                return folder
+    return None
+
+
+def _byte_alphabet() -> list[str]:
+    """The values of OpenAI's bytes_to_unicode(), in its order: the printable bytes as themselves, then
+    the other 68 bytes as chr(256), chr(257), ... (so that BPE never sees whitespace or control bytes)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+
+
+@lru_cache(maxsize=1)
+def bundled_tokenizer() -> CLIPTokenizer:
+    """Build the 49,408-id CLIP vocabulary the way OpenAI's simple_tokenizer does: 256 byte tokens,
+    the same with `</w>`, 48,894 merges, then <|startoftext|> and <|endoftext|>."""
+    try:
+        data = resources.files("sdbatch").joinpath("data", BUNDLED_VOCAB).read_bytes()
+    except FileNotFoundError:
+        raise TokenizerError(_not_found_message()) from None
+    lines = gzip.decompress(data).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    alphabet = _byte_alphabet()
+    vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=merges)
+
+
+def _not_found_message() -> str:
+    return (
+        "no CLIP tokenizer found. Put vocab.json and merges.txt (from openai/clip-vit-large-patch14 or an SD 1.x "
+        f"diffusers folder's tokenizer/) into {weights_dir() / 'tokenizer'}/, or reinstall sdbatch: its bundled "
+        f"{BUNDLED_VOCAB} is missing"
+    )
+
+
+def load_tokenizer(model_path: str | Path | None = None, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer for a model, from the first place in the module docstring's list that has one.
+
+    `vocab_size` (the text encoder's) guards against a tokenizer from another model family."""
+    tokenizer = _find(Path(model_path) if model_path is not None else None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise TokenizerError(
+            f"tokenizer from {tokenizer.source} has {len(tokenizer)} tokens but the text encoder only "
+            f"{vocab_size}: it belongs to another model"
+        )
+    return tokenizer
+
+
+def _find(model_path: Path | None) -> Tokenizer:
+    candidates = []
+    if model_path is not None:
+        if is_diffusers_folder(model_path):
+            candidates.append(model_path / "tokenizer")
+        elif model_path.is_file():
+            candidates.append(model_path.parent / "tokenizer")
+    candidates.append(weights_dir() / "tokenizer")
+    for folder in candidates:
+        if folder.is_dir():
+            return Tokenizer(_from_folder(folder), str(folder))
+    cached = _hf_cache_folder()
+    if cached is not None:
+        return Tokenizer(_from_folder(cached), f"Hugging Face cache ({cached})")
+    return Tokenizer(bundled_tokenizer(), f"bundled CLIP vocabulary ({BUNDLED_VOCAB})")

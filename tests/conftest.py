@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+from sdbatch.models import StableDiffusion, build_model
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    """No test reads the user's caches or weights, and none can reach the network."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("SDBATCH_CACHE", str(cache / "sdbatch"))
+    monkeypatch.setenv("SDBATCH_WEIGHTS", str(cache / "no-weights"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+
+
+def make_tiny(config: str = "tiny", seed: int = 0) -> StableDiffusion:
+    from helpers import shake_norms
+
+    torch.manual_seed(seed)
+    model = build_model(config).eval().requires_grad_(False)
+    shake_norms(model, seed)
+    return model
+
+
+@pytest.fixture
+def tiny() -> StableDiffusion:
+    return make_tiny()
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

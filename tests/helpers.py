@@ -1,0 +1,82 @@
+"""Independent implementations (diffusers / transformers) of one of our configs, for parity tests."""
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdbatch.models import SDConfig
+
+
+def diffusers_unet(cfg: SDConfig) -> UNet2DConditionModel:
+    u = cfg.unet
+    levels = len(u.channel_mult)
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention_levels))
+    assert len(down) == levels
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=u.in_channels,
+        out_channels=u.out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(u.model_channels * m for m in u.channel_mult),
+        layers_per_block=u.num_res_blocks,
+        cross_attention_dim=u.context_dim,
+        attention_head_dim=u.num_heads,  # diffusers' SD1 configs call the head count this
+        norm_num_groups=u.norm_groups,
+    )
+
+
+def diffusers_vae(cfg: SDConfig) -> AutoencoderKL:
+    v = cfg.vae
+    n = len(v.ch_mult)
+    return AutoencoderKL(
+        in_channels=v.image_channels,
+        out_channels=v.image_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(v.ch * m for m in v.ch_mult),
+        layers_per_block=v.num_res_blocks,
+        latent_channels=v.z_channels,
+        norm_num_groups=v.norm_groups,
+        scaling_factor=v.scale_factor,
+    )
+
+
+def transformers_clip(cfg: SDConfig) -> CLIPTextModel:
+    c = cfg.clip
+    config = CLIPTextConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.width,
+        intermediate_size=c.mlp,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        max_position_embeddings=c.max_positions,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def for_twin(twin: torch.nn.Module, state: dict) -> dict:
+    """transformers 5 stores CLIPTextModel without the `text_model.` prefix that diffusers' converter and
+    the published SD folders use, and strips it itself on load (its PrefixChange rule); do the same."""
+    if not any(k.startswith("text_model.") for k in twin.state_dict()):
+        return {k.removeprefix("text_model."): v for k, v in state.items()}
+    return state
+
+
+def shake_norms(module: torch.nn.Module, seed: int) -> None:
+    """Norm layers start as weight 1 / bias 0, which would hide a swapped or missing norm: randomise them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm) and m.weight is not None:
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
