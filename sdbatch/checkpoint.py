@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .convert import LEGACY_VAE_ATTN, PREFIXES, diffusers_key, is_vae_attn_matrix
+from .errors import InputError
 from .models import CONFIGS, CLIPConfig, SDConfig, StableDiffusion, UNetConfig, VAEConfig, build_model
 
 VAE_PREFIX = PREFIXES["vae"]
@@ -31,7 +32,7 @@ IGNORED_PREFIXES = ("model_ema.", "cond_stage_model.transformer.text_model.embed
 SHOW = 5  # how many offending keys an error message lists
 
 
-class CheckpointError(Exception):
+class CheckpointError(InputError):
     """A weights file or folder that cannot be used; the message names the file and what is wrong."""
 
 
@@ -490,7 +491,10 @@ def _load_view(
             raise CheckpointError(
                 f"{source}: cannot read tensor {key} ({_first_line(e)}); the file may be truncated or corrupted"
             ) from None
-        state[key] = tensor.to(device=device, dtype=dtype)
+        # always a fresh copy: a tensor aliasing the memory map sits at whatever offset the file gave
+        # it, and CPU kernels pick different code paths for unaligned data (outputs then differ ~1e-7
+        # from the same weights loaded another way), which would break bitwise reproducibility
+        state[key] = tensor.to(device=device, dtype=dtype, copy=True)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

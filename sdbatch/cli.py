@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
+from .errors import InputError
 
 EXIT_BAD_INPUT = 2
 
@@ -49,8 +50,7 @@ def check_model(
     hash_: Annotated[bool, typer.Option("--hash/--no-hash", help="Compute the sha256 (cached after once).")] = True,
 ) -> None:
     """Load a model fully and say what it is: kind, hash, sizes and where its tokenizer comes from."""
-    from .checkpoint import CheckpointError, describe, load_model, model_hash
-    from .tokenizer import TokenizerError, load_tokenizer
+    from .checkpoint import describe, load_model, model_hash
 
     try:
         kind, shapes, _ = describe(path)
@@ -60,10 +60,12 @@ def check_model(
         for name, part in (("unet", model.unet), ("vae", model.vae), ("text encoder", model.text_encoder)):
             out.print(f"  {name:<13}{sum(p.numel() for p in part.parameters()):>14,} parameters")
         out.print(f"  config       {loaded.config.name}")
+        from .tokenizer import load_tokenizer  # transformers costs a second or two: only once it is needed
+
         tokenizer = load_tokenizer(path, vocab_size=loaded.config.clip.vocab_size)
         out.print(f"  tokenizer    {tokenizer.source}")
         if hash_:
             out.print(f"  model hash   {model_hash(path)}")
-    except (CheckpointError, TokenizerError, OSError) as e:
+    except (InputError, OSError) as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None

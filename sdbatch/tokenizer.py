@@ -19,6 +19,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from .checkpoint import is_diffusers_folder
+from .errors import InputError
 
 BUNDLED_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 # (repo, file) pairs whose cached copy is the SD 1.x tokenizer; looked up in the cache, never fetched
@@ -30,7 +31,7 @@ HF_CACHE_CANDIDATES = (
 )
 
 
-class TokenizerError(Exception):
+class TokenizerError(InputError):
     """No usable tokenizer; the message says where one was looked for and where to put it."""
 
 

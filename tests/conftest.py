@@ -14,6 +14,9 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SDBATCH_WEIGHTS", str(cache / "no-weights"))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants  # reads its env at import: point the already-imported module too
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache / "hf"))
     torch.manual_seed(0)
 
 

@@ -1,0 +1,3 @@
+from sdbatch.cli import app
+
+app(prog_name="sdbatch")
