@@ -26,9 +26,10 @@ from .models import CONFIGS, CLIPConfig, SDConfig, StableDiffusion, UNetConfig, 
 
 VAE_PREFIX = PREFIXES["vae"]
 CONFIG_METADATA_KEY = "sdbatch.config"  # our SDConfig as JSON, in the safetensors header of files we write
-# keys real SD1 files carry that the model does not need: EMA copies, the noise schedule the LDM code
-# kept as buffers, CLIP's position_ids (recomputed; merged files often hold a corrupted float copy)
-IGNORED_PREFIXES = ("model_ema.", "cond_stage_model.transformer.text_model.embeddings.position_ids")
+# Keys outside our three prefixes (EMA copies under model_ema., the noise-schedule buffers the LDM code
+# saved, loss weights) are never looked at. Inside them only CLIP's position_ids is skipped: it is
+# recomputed, and merged files often hold a corrupted float copy of it.
+IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 SHOW = 5  # how many offending keys an error message lists
 
 
@@ -458,7 +459,7 @@ def check_tensors(view: dict[str, TensorRef], cfg: SDConfig, source: Path, only:
     expected = {k: s for k, s in _expected_shapes(cfg).items() if k.startswith(only)}
     ours = tuple(p for p in PREFIXES.values() if p.startswith(only))
     missing = [k for k in expected if k not in view]
-    unexpected = [k for k in view if k.startswith(ours) and k not in expected and not k.startswith(IGNORED_PREFIXES)]
+    unexpected = [k for k in view if k.startswith(ours) and k not in expected and k not in IGNORED_KEYS]
     misshaped = [
         f"{k} {list(view[k].shape)} (model wants {list(s)})"
         for k, s in expected.items()

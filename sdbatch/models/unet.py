@@ -65,10 +65,12 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        # permute+reshape gives contiguous tokens: a transposed view would make every LayerNorm and
+        # Linear below copy its input first
+        y = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)
         for block in self.transformer_blocks:
             y = block(y, context)
-        return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
+        return x + self.proj_out(y.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous())
 
 
 class Downsample(nn.Module):
