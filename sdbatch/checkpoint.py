@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .convert import LEGACY_VAE_ATTN, PREFIXES, diffusers_key, is_vae_attn_matrix
 from .errors import InputError
-from .models import CONFIGS, CLIPConfig, SDConfig, StableDiffusion, UNetConfig, VAEConfig, build_model
+from .models import CONFIGS, CLIPConfig, SDConfig, StableDiffusion, UNetConfig, VAEConfig, build_model, get_config
 
 VAE_PREFIX = PREFIXES["vae"]
 CONFIG_METADATA_KEY = "sdbatch.config"  # our SDConfig as JSON, in the safetensors header of files we write
@@ -373,7 +373,7 @@ def load_model(
         files = {c: read_weights(_component_file(path / c)) for c in PREFIXES}
         keys = _expected_shapes(cfg).keys()
         view = _diffusers_view(files, keys, cfg)
-        kind = Kind("sd1-inpainting" if cfg.unet.in_channels == 9 else "sd1", "an SD 1.x diffusers folder")
+        kind = _folder_kind(cfg)
     else:
         if path.is_dir():
             raise CheckpointError(
@@ -398,11 +398,14 @@ def load_model(
 
 
 def _resolve_config(config: str | SDConfig) -> SDConfig:
-    if isinstance(config, SDConfig):
-        return config
-    if config not in CONFIGS:
-        raise CheckpointError(f"unknown model config {config!r}; known: {', '.join(CONFIGS)}")
-    return CONFIGS[config]
+    try:
+        return get_config(config)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _folder_kind(cfg: SDConfig) -> Kind:
+    return Kind("sd1-inpainting" if cfg.unet.in_channels == 9 else "sd1", "an SD 1.x diffusers folder")
 
 
 def _config_for_file(weights: WeightsFile, kind: Kind) -> SDConfig:
@@ -583,8 +586,7 @@ def describe(path: str | Path) -> tuple[Kind, dict[str, tuple[int, ...]], dict[s
     """Kind, shapes and metadata of a file or diffusers folder without loading any tensor data."""
     path = Path(path)
     if is_diffusers_folder(path):
-        cfg = config_from_diffusers(path)
-        kind = Kind("sd1-inpainting" if cfg.unet.in_channels == 9 else "sd1", "an SD 1.x diffusers folder")
+        kind = _folder_kind(config_from_diffusers(path))
         shapes: dict[str, tuple[int, ...]] = {}
         for component in PREFIXES:
             shapes |= {
