@@ -1,0 +1,17 @@
+"""DDIM with eta = 0 (Song et al. 2021): deterministic; on DDIM's own sigmas it is an Euler step."""
+
+import numpy as np
+import torch
+
+from . import euler
+from .schedule import Denoiser, NoiseSchedule, NoiseSource, Plan
+
+
+def plan(schedule: NoiseSchedule, steps: int) -> Plan:
+    t = schedule.leading(steps)
+    # the last step lands on the schedule's smallest sigma, not 0 (SD's set_alpha_to_one=False)
+    return Plan.of(t, schedule.sigmas[t.astype(np.int64)], float(schedule.sigmas[0]), vp_init=True)
+
+
+def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource | None = None) -> torch.Tensor:
+    return euler.sample(model, x, sigmas)

@@ -1,0 +1,33 @@
+"""DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in log-sigma, first order at the ends."""
+
+import numpy as np
+import torch
+
+from .schedule import Denoiser, NoiseSchedule, NoiseSource, Plan
+
+
+def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
+    if karras:
+        sigmas = schedule.karras(steps)
+        return Plan.of(schedule.t_at(sigmas).round(), sigmas, 0.0, vp_init=True)
+    # integer timesteps over steps + 1 points, the last dropped (diffusers' DPMSolverMultistep rule)
+    t = np.linspace(0, schedule.train_steps - 1, steps + 1).round()[::-1][:-1].copy()
+    return Plan.of(t, schedule.sigma_at(t), 0.0, vp_init=True)
+
+
+def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource | None = None) -> torch.Tensor:
+    previous = None  # the last step's denoised estimate: the "multistep" memory
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, i)
+        s, s_next = sigmas[i], sigmas[i + 1]
+        if s_next == 0:
+            x = denoised  # the first-order update's limit at sigma 0
+        else:
+            h = s.log() - s_next.log()  # step size in lambda = -log(sigma)
+            estimate = denoised
+            if previous is not None:  # second order from the two latest estimates
+                r = (sigmas[i - 1].log() - s.log()) / h
+                estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous
+            x = (s_next / s) * x - torch.expm1(-h) * estimate
+        previous = denoised
+    return x

@@ -1,0 +1,21 @@
+"""Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn)."""
+
+import numpy as np
+import torch
+
+from .schedule import Denoiser, NoiseSchedule, NoiseSource, Plan
+
+
+def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
+    if karras:
+        sigmas = schedule.karras(steps)
+        return Plan.of(schedule.t_at(sigmas), sigmas, 0.0, vp_init=False)
+    t = np.linspace(0, schedule.train_steps - 1, steps, dtype=np.float32)[::-1].copy()
+    return Plan.of(t, schedule.sigma_at(t), 0.0, vp_init=False)
+
+
+def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource | None = None) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        d = (x - model(x, i)) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    return x

@@ -1,0 +1,88 @@
+"""The SD 1.x training noise schedule, and the step plans the samplers walk along.
+
+Samplers work k-diffusion style on the variance-exploding latent x = x_vp * sqrt(1 + sigma^2), a
+sigma per step. Each sampler's timesteps and sigmas follow the diffusers scheduler of the same
+name exactly (our test oracle), computed in numpy float64 as diffusers does, stored as float32.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# denoised = model(x, i): the model's estimate of the clean latent at step i of the plan
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+# a fresh standard-normal tensor shaped like the latents, drawn from each image's own generator
+NoiseSource = Callable[[], torch.Tensor]
+
+
+class NoiseSchedule:
+    """1000 "scaled linear" betas, sqrt-spaced from 0.00085 to 0.012, as SD 1.x was trained."""
+
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, train_steps: int = 1000):
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, train_steps, dtype=torch.float32) ** 2
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # float32, t=0..999
+        self.log_sigmas = np.log(self.sigmas)
+        self.train_steps = train_steps
+
+    def sigma_at(self, t: np.ndarray) -> np.ndarray:
+        """Sigma at (fractional) timesteps, linearly interpolated (diffusers' default)."""
+        return np.interp(t, np.arange(self.train_steps), self.sigmas)
+
+    def t_at(self, sigma: np.ndarray) -> np.ndarray:
+        """The (fractional) timestep of each sigma, interpolating in log sigma."""
+        log_sigma = np.log(np.maximum(sigma, 1e-10))
+        dists = log_sigma[None, :] - self.log_sigmas[:, None]
+        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=self.train_steps - 2)
+        w = np.clip((self.log_sigmas[low] - log_sigma) / (self.log_sigmas[low] - self.log_sigmas[low + 1]), 0, 1)
+        return (1 - w) * low + w * (low + 1)
+
+    def karras(self, steps: int, rho: float = 7.0) -> np.ndarray:
+        """Karras et al. (2022) sigmas between the schedule's extremes, dense near the clean end."""
+        lo, hi = float(self.sigmas[0]) ** (1 / rho), float(self.sigmas[-1]) ** (1 / rho)
+        return (hi + np.linspace(0, 1, steps) * (lo - hi)) ** rho
+
+    def leading(self, steps: int) -> np.ndarray:
+        """0, k, 2k, ... (k = 1000 // steps), reversed: 980, 960, ..., 0 for 50 steps (DDPM / DDIM)."""
+        return (np.arange(0, steps) * (self.train_steps // steps)).round()[::-1].copy()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a sampler walks: the timestep the UNet is told at each step, and the noise level before
+    each step plus the one after the last (0, or the schedule's minimum for DDIM)."""
+
+    timesteps: torch.Tensor  # (n,) float32
+    sigmas: torch.Tensor  # (n + 1,) float32
+    vp_init: bool  # pure noise starts at std sqrt(1 + sigma_0^2) (DDPM/DDIM/DPM) instead of sigma_0 (Euler)
+
+    @classmethod
+    def of(cls, timesteps: np.ndarray, sigmas: np.ndarray, final_sigma: float, vp_init: bool) -> "Plan":
+        return cls(
+            torch.from_numpy(np.asarray(timesteps, dtype=np.float32)),
+            torch.from_numpy(np.concatenate([sigmas, [final_sigma]]).astype(np.float32)),
+            vp_init,
+        )
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def from_step(self, start: int) -> "Plan":
+        """The tail of the plan that img2img runs after noising the image to step `start`."""
+        return Plan(self.timesteps[start:], self.sigmas[start:], self.vp_init)
+
+    def initial_noise_scale(self) -> torch.Tensor:
+        sigma = self.sigmas[0]
+        return (sigma**2 + 1).sqrt() if self.vp_init else sigma
+
+    def to_vp(self, x: torch.Tensor) -> torch.Tensor:
+        """The final latent as the VAE expects it (differs from x only when the plan ends above 0)."""
+        return x / (self.sigmas[-1] ** 2 + 1).sqrt()
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """First step run for a given strength: the last int(steps * strength) steps are run, as in the
+    seed's DDPM sampler and diffusers' img2img pipeline."""
+    return steps - min(int(steps * strength), steps)
