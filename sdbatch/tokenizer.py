@@ -111,7 +111,8 @@ def bundled_tokenizer() -> CLIPTokenizer:
     alphabet = _byte_alphabet()
     vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=merges)
+    # model_max_length 77 as in SD's tokenizer_config.json: other tools (diffusers) pad to it
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=merges, model_max_length=77)
 
 
 def _not_found_message() -> str:

@@ -1,10 +1,20 @@
 """Independent implementations (diffusers / transformers) of one of our configs, for parity tests."""
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdbatch.models import SDConfig
+
+BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
 def diffusers_unet(cfg: SDConfig) -> UNet2DConditionModel:
@@ -80,3 +90,28 @@ def shake_norms(module: torch.nn.Module, seed: int) -> None:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def diffusers_scheduler(name: str, karras: bool, steps: int | None = None):
+    """The diffusers scheduler that our sampler `name` matches (set to `steps` if given)."""
+    if name == "ddpm":
+        sched = DDPMScheduler(**BETAS, clip_sample=False)
+    elif name == "ddim":
+        sched = DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    elif name == "euler":
+        sched = EulerDiscreteScheduler(**BETAS, use_karras_sigmas=karras)
+    elif name == "euler_a":
+        sched = EulerAncestralDiscreteScheduler(**BETAS)
+    else:
+        sched = DPMSolverMultistepScheduler(
+            **BETAS, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=karras
+        )
+    if steps is None:
+        return sched
+    sched.set_timesteps(steps)
+    if name == "euler_a" and karras:
+        # diffusers' ancestral Euler has no Karras option: give it the Karras schedule of its Euler
+        ref = EulerDiscreteScheduler(**BETAS, use_karras_sigmas=True)
+        ref.set_timesteps(steps)
+        sched.sigmas, sched.timesteps = ref.sigmas.clone(), ref.timesteps.clone()
+    return sched

@@ -4,41 +4,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
-from helpers import max_diff
+from diffusers import DDPMScheduler
+from helpers import BETAS, diffusers_scheduler, max_diff
 
 from sdbatch.samplers import SAMPLERS, NoiseSchedule, get_sampler, img2img_start
 
-BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 SEEDS = (11, 12)
-
-
-def diffusers_scheduler(name: str, karras: bool, steps: int):
-    if name == "ddpm":
-        sched = DDPMScheduler(**BETAS, clip_sample=False)
-    elif name == "ddim":
-        sched = DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False)
-    elif name == "euler":
-        sched = EulerDiscreteScheduler(**BETAS, use_karras_sigmas=karras)
-    elif name == "euler_a":
-        sched = EulerAncestralDiscreteScheduler(**BETAS)
-    else:
-        sched = DPMSolverMultistepScheduler(
-            **BETAS, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=karras
-        )
-    sched.set_timesteps(steps)
-    if name == "euler_a" and karras:
-        # diffusers' ancestral Euler has no Karras option: give it the Karras schedule of its Euler
-        ref = EulerDiscreteScheduler(**BETAS, use_karras_sigmas=True)
-        ref.set_timesteps(steps)
-        sched.sigmas, sched.timesteps = ref.sigmas.clone(), ref.timesteps.clone()
-    return sched
 
 
 def draw(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
@@ -121,6 +92,12 @@ def test_ddpm_timesteps_are_the_seeds():
     plan = get_sampler("ddpm").plan(NoiseSchedule(), 50)
     assert plan.timesteps.tolist() == list(range(980, -1, -20))
     assert plan.sigmas[-1] == 0
+
+
+def test_ddim_timesteps_have_compvis_offset_and_end_above_zero():
+    plan = get_sampler("ddim").plan(NoiseSchedule(), 50)
+    assert plan.timesteps.tolist() == list(range(981, 0, -20))
+    assert float(plan.sigmas[-1]) == pytest.approx(float(NoiseSchedule().sigmas[0]))  # set_alpha_to_one=False
 
 
 @pytest.mark.parametrize(("steps", "strength", "start"), [(50, 0.8, 10), (50, 0.75, 13), (50, 1.0, 0), (20, 0.3, 14)])

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from . import ddim, ddpm, dpmpp_2m, euler, euler_a
-from .schedule import Denoiser, NoiseSchedule, NoiseSource, Plan, img2img_start
+from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, Plan, img2img_start
 
 
 @dataclass(frozen=True)
@@ -16,11 +16,14 @@ class Sampler:
     ancestral: bool  # draws fresh noise at each step
     karras: bool  # accepts Karras sigmas
 
+    def check(self, karras: bool) -> None:
+        if karras and not self.karras:
+            raise ValueError(f"sampler {self.name} walks fixed timesteps; karras applies to {', '.join(KARRAS)}")
+
     def plan(self, schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        if karras and not self.karras:
-            raise ValueError(f"sampler {self.name} walks fixed timesteps; karras applies to {', '.join(KARRAS)}")
+        self.check(karras)
         return self.module.plan(schedule, steps, karras) if self.karras else self.module.plan(schedule, steps)
 
     @property
@@ -48,6 +51,7 @@ def get_sampler(name: str) -> Sampler:
 __all__ = [
     "KARRAS",
     "SAMPLERS",
+    "AfterStep",
     "Denoiser",
     "NoiseSchedule",
     "NoiseSource",

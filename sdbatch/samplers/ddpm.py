@@ -3,15 +3,17 @@
 import numpy as np
 import torch
 
-from .schedule import Denoiser, NoiseSchedule, NoiseSource, Plan
+from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, Plan
 
 
 def plan(schedule: NoiseSchedule, steps: int) -> Plan:
-    t = schedule.leading(steps)
+    t = schedule.leading(steps)  # 980, 960, ..., 0 for 50 steps, as the seed (diffusers' SD pipelines add 1)
     return Plan.of(t, schedule.sigmas[t.astype(np.int64)], 0.0, vp_init=True)
 
 
-def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource) -> torch.Tensor:
+def sample(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource, after_step: AfterStep = None
+) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         denoised = model(x, i)
         a_t, a_prev = 1 / (1 + sigmas[i] ** 2), 1 / (1 + sigmas[i + 1] ** 2)
@@ -24,4 +26,6 @@ def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseS
             variance = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
             mean = mean + variance.sqrt() * noise()
         x = mean / a_prev.sqrt()
+        if after_step:
+            x = after_step(i, x)
     return x

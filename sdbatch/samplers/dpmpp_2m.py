@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from .schedule import Denoiser, NoiseSchedule, NoiseSource, Plan
+from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, Plan
 
 
 def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
@@ -15,7 +15,13 @@ def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
     return Plan.of(t, schedule.sigma_at(t), 0.0, vp_init=True)
 
 
-def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource | None = None) -> torch.Tensor:
+def sample(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: NoiseSource | None = None,
+    after_step: AfterStep = None,
+) -> torch.Tensor:
     previous = None  # the last step's denoised estimate: the "multistep" memory
     for i in range(len(sigmas) - 1):
         denoised = model(x, i)
@@ -30,4 +36,6 @@ def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseS
                 estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous
             x = (s_next / s) * x - torch.expm1(-h) * estimate
         previous = denoised
+        if after_step:
+            x = after_step(i, x)
     return x

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from .schedule import Denoiser, NoiseSchedule, NoiseSource, Plan
+from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, Plan
 
 
 def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
@@ -14,8 +14,16 @@ def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
     return Plan.of(t, schedule.sigma_at(t), 0.0, vp_init=False)
 
 
-def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource | None = None) -> torch.Tensor:
+def sample(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: NoiseSource | None = None,
+    after_step: AfterStep = None,
+) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         d = (x - model(x, i)) / sigmas[i]
         x = x + d * (sigmas[i + 1] - sigmas[i])
+        if after_step:
+            x = after_step(i, x)
     return x

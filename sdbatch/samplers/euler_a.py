@@ -3,14 +3,16 @@
 import torch
 
 from . import euler
-from .schedule import Denoiser, NoiseSchedule, NoiseSource, Plan
+from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, Plan
 
 
 def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
     return euler.plan(schedule, steps, karras)
 
 
-def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource) -> torch.Tensor:
+def sample(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource, after_step: AfterStep = None
+) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         sigma_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
@@ -19,4 +21,6 @@ def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseS
         # noise is drawn on every step, the last too, so that each image's generator advances as in
         # diffusers and the same seed gives the same picture in both
         x = x + d * (sigma_down - s) + noise() * sigma_up
+        if after_step:
+            x = after_step(i, x)
     return x

@@ -15,6 +15,8 @@ import torch
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 # a fresh standard-normal tensor shaped like the latents, drawn from each image's own generator
 NoiseSource = Callable[[], torch.Tensor]
+# x = after_step(i, x) once step i is done (inpainting puts the known region back there), or None
+AfterStep = Callable[[int, torch.Tensor], torch.Tensor] | None
 
 
 class NoiseSchedule:
@@ -44,9 +46,9 @@ class NoiseSchedule:
         lo, hi = float(self.sigmas[0]) ** (1 / rho), float(self.sigmas[-1]) ** (1 / rho)
         return (hi + np.linspace(0, 1, steps) * (lo - hi)) ** rho
 
-    def leading(self, steps: int) -> np.ndarray:
-        """0, k, 2k, ... (k = 1000 // steps), reversed: 980, 960, ..., 0 for 50 steps (DDPM / DDIM)."""
-        return (np.arange(0, steps) * (self.train_steps // steps)).round()[::-1].copy()
+    def leading(self, steps: int, offset: int = 0) -> np.ndarray:
+        """offset, offset + k, ... (k = 1000 // steps), reversed: 980, 960, ..., 0 for 50 steps."""
+        return (np.arange(0, steps) * (self.train_steps // steps)).round()[::-1].copy() + offset
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,359 @@
+"""The pipeline against diffusers' pipelines, and the promises of its own: batch independence,
+inpainting that keeps what is not masked, no silent prompt truncation, failures reported per image."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from helpers import diffusers_scheduler
+from PIL import Image
+from test_models import carried
+
+from sdbatch.pipeline import Pipeline, Request, RequestError, image_tensor, mask_tensor, to_rgb
+from sdbatch.tokenizer import Tokenizer, bundled_tokenizer
+
+W, H = 64, 48  # not square on purpose: latents 8 x 6
+PROMPTS = ["a red circle on a blue background", "a photo of a cat", "a small green triangle"]
+SEEDS = [3, 1234567, 42]
+
+
+def ours(config: str = "tiny", dtype=torch.float32) -> Pipeline:
+    return Pipeline(make_tiny(config), Tokenizer(bundled_tokenizer(), "bundled"), dtype=dtype)
+
+
+def theirs(kind, pipeline: Pipeline, sampler: str):
+    model = pipeline.model
+    return kind(
+        vae=carried(model, "vae"),
+        text_encoder=carried(model, "text_encoder"),
+        tokenizer=bundled_tokenizer(),
+        unet=carried(model, "unet"),
+        scheduler=diffusers_scheduler(sampler, False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def pixels(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(i, dtype=np.float64) for i in images])
+
+
+def gens() -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in SEEDS]
+
+
+def gradient_image(seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, W)[None, :, None] * rng.uniform(0, 255, (1, 1, 3))
+    y = np.linspace(0, 1, H)[:, None, None] * rng.uniform(0, 255, (1, 1, 3))
+    return Image.fromarray(np.clip(x + y * 0.5, 0, 255).astype(np.uint8), "RGB").convert(mode)
+
+
+def half_mask(left: bool = False) -> Image.Image:
+    mask = np.zeros((H, W), np.uint8)
+    if left:
+        mask[:, : W // 2] = 255
+    else:
+        mask[:, W // 2 :] = 255
+    return Image.fromarray(mask, "L")
+
+
+def assert_close(a: np.ndarray, b: np.ndarray, tol: float = 2.0) -> None:
+    assert a.shape == b.shape
+    worst = np.abs(a - b).max()
+    assert worst <= tol, f"max pixel difference {worst} > {tol}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# parity with diffusers
+
+
+# DDPM is proven against diffusers' scheduler in test_samplers: diffusers' SD pipelines force
+# steps_offset=1 on it, while ours keeps the seed's timesteps (980, ..., 0)
+@pytest.mark.parametrize(("sampler", "cfg"), [("euler_a", 7.5), ("dpmpp_2m", 5.0), ("ddim", 1.0), ("euler", 3.0)])
+def test_txt2img_matches_diffusers(sampler, cfg):
+    pipe = ours()
+    requests = [
+        Request(p, seed=s, steps=6, sampler=sampler, cfg=cfg, width=W, height=H)
+        for p, s in zip(PROMPTS, SEEDS, strict=True)
+    ]
+    mine = pixels([r.image for r in pipe.render(requests)])
+    ref = theirs(StableDiffusionPipeline, pipe, sampler)(
+        prompt=PROMPTS, num_inference_steps=6, guidance_scale=cfg, generator=gens(), height=H, width=W, output_type="np"
+    ).images
+    assert_close(mine, ref * 255)
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("euler", 0.75), ("ddim", 0.3), ("euler_a", 0.6)])
+def test_img2img_matches_diffusers(sampler, strength):
+    pipe = ours()
+    inits = [gradient_image(s) for s in SEEDS]
+    requests = [
+        Request(p, seed=s, steps=8, sampler=sampler, cfg=6.0, width=W, height=H, init_image=i, strength=strength)
+        for p, s, i in zip(PROMPTS, SEEDS, inits, strict=True)
+    ]
+    mine = pixels([r.image for r in pipe.render(requests)])
+    ref = theirs(StableDiffusionImg2ImgPipeline, pipe, sampler)(
+        prompt=PROMPTS,
+        image=inits,
+        strength=strength,
+        num_inference_steps=8,
+        guidance_scale=6.0,
+        generator=gens(),
+        output_type="np",
+    ).images
+    assert_close(mine, ref * 255)
+
+
+@pytest.mark.parametrize(
+    ("config", "sampler", "strength"),
+    [
+        ("tiny", "euler_a", 1.0),
+        ("tiny", "dpmpp_2m", 0.7),
+        ("tiny-inpainting", "euler_a", 1.0),
+        ("tiny-inpainting", "ddim", 0.6),
+    ],
+)
+def test_inpaint_matches_diffusers(config, sampler, strength):
+    pipe = ours(config)
+    inits = [gradient_image(s) for s in SEEDS]
+    masks = [half_mask(left=bool(k % 2)) for k in range(len(SEEDS))]
+    requests = [
+        Request(
+            p, seed=s, steps=7, sampler=sampler, cfg=7.5, width=W, height=H, init_image=i, mask=m, strength=strength
+        )
+        for p, s, i, m in zip(PROMPTS, SEEDS, inits, masks, strict=True)
+    ]
+    mine = pixels([r.image for r in pipe.render(requests)])
+    ref = theirs(StableDiffusionInpaintPipeline, pipe, sampler)(
+        prompt=PROMPTS,
+        image=inits,
+        mask_image=masks,
+        strength=strength,
+        num_inference_steps=7,
+        guidance_scale=7.5,
+        generator=gens(),
+        height=H,
+        width=W,
+        output_type="np",
+    ).images
+    assert_close(mine, ref * 255)
+
+
+# ----------------------------------------------------------------------------------------------------
+# determinism
+
+
+def mixed_requests() -> list[Request]:
+    long_prompt = ", ".join(f"detail number {k}" for k in range(40))  # about 120 tokens: two windows
+    return [
+        Request("a red circle", seed=1, steps=5, cfg=7.5, width=W, height=H),
+        Request("a red circle", seed=2, steps=5, cfg=3.0, width=W, height=H),
+        Request("a blue square", negative="blurry", seed=1, steps=5, cfg=1.0, width=W, height=H),
+        Request(long_prompt, seed=7, steps=5, cfg=9.0, width=W, height=H),
+        Request("a green triangle", negative=long_prompt, seed=2**63 + 5, steps=5, cfg=5.0, width=W, height=H),
+        Request("", seed=99, steps=5, cfg=7.5, width=W, height=H),
+    ]
+
+
+def test_batch_and_single_renders_are_the_same():
+    pipe = ours()
+    requests = mixed_requests()
+    batched = pipe.render(requests)
+    alone = [pipe.render([r])[0] for r in requests]
+    assert all(r.ok for r in batched + alone)
+    assert_close(pixels([r.image for r in batched]), pixels([r.image for r in alone]), tol=1.0)
+    shuffled = pipe.render(requests[::-1])[::-1]
+    assert_close(pixels([r.image for r in batched]), pixels([r.image for r in shuffled]), tol=1.0)
+    # and the requests really differ from each other
+    assert len({r.image.tobytes() for r in batched}) == len(requests)
+
+
+def test_two_runs_give_identical_pixels():
+    first = ours().render(mixed_requests())
+    second = ours().render(mixed_requests())
+    assert [r.image.tobytes() for r in first] == [r.image.tobytes() for r in second]
+
+
+def test_seed_changes_the_image_and_only_the_seed_matters():
+    pipe = ours()
+    a, b = pipe.render(
+        [Request("a cat", seed=1, steps=4, width=W, height=H), Request("a cat", seed=2, steps=4, width=W, height=H)]
+    )
+    assert a.image.tobytes() != b.image.tobytes()
+    again = pipe.render(
+        [Request("a dog", seed=5, steps=4, width=W, height=H), Request("a cat", seed=1, steps=4, width=W, height=H)]
+    )
+    assert again[1].image.tobytes() == a.image.tobytes()
+
+
+# ----------------------------------------------------------------------------------------------------
+# inpainting keeps the unmasked region
+
+
+def test_inpainting_with_a_normal_model_keeps_the_known_latents():
+    pipe = ours()
+    init, mask = gradient_image(5), half_mask()
+    for strength in (1.0, 0.5):
+        result = pipe.render(
+            [
+                Request(
+                    "a cat",
+                    seed=8,
+                    steps=6,
+                    sampler="euler",
+                    width=W,
+                    height=H,
+                    init_image=init,
+                    mask=mask,
+                    strength=strength,
+                )
+            ]
+        )[0]
+        # the known latents: the VAE's sample of the init image with the request's first draw
+        g = torch.Generator().manual_seed(8)
+        with torch.no_grad():
+            mean, logvar = pipe.model.vae.encode(image_tensor(init, W, H))
+            known = (mean + (0.5 * logvar).exp() * torch.randn((1, 4, H // 8, W // 8), generator=g)) * 0.18215
+        keep = torch.nn.functional.interpolate(mask_tensor(mask, W, H), size=(H // 8, W // 8)) < 0.5
+        outside = result.latents[None][keep.expand(1, 4, -1, -1)]
+        assert torch.allclose(outside, known[keep.expand(1, 4, -1, -1)], atol=1e-5)
+        inside = result.latents[None][~keep.expand(1, 4, -1, -1)]
+        assert not torch.allclose(inside, known[~keep.expand(1, 4, -1, -1)], atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompts
+
+
+def test_long_prompt_is_encoded_whole_not_cut():
+    pipe = ours()
+    words = " ".join(f"word{k}" for k in range(90))
+    windows = pipe.token_windows(words)
+    tokens = pipe.tokenizer.tokens(words)
+    count = -(-len(tokens) // 75)
+    assert count >= 2
+    assert windows.shape == (count, 77)
+    assert windows[:, 0].tolist() == [49406] * count
+    inside = windows[:, 1:76].flatten().tolist()
+    assert inside[: len(tokens)] == tokens  # every token, in order, none dropped
+    assert windows[-1, 1 + len(tokens) - 75 * (count - 1)] == 49407
+    embedding = pipe.encode_prompt(words)
+    assert embedding.shape == (1, 77 * count, 32)
+    with torch.no_grad():
+        assert torch.equal(embedding[0, 77:154], pipe.model.text_encoder(windows[1:2])[0])
+    short = pipe.encode_prompt("a cat")
+    assert short.shape == (1, 77, 32)
+    assert pipe.encode_prompt("a cat") is short  # cached
+
+
+# ----------------------------------------------------------------------------------------------------
+# images in, errors out
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "I;16", "CMYK"])
+def test_init_images_in_any_mode_are_converted(mode):
+    image = gradient_image(2, "RGB")
+    if mode == "I;16":
+        grey = np.asarray(image.convert("L"), dtype=np.uint16) * 257
+        image = Image.fromarray(grey)  # uint16: Pillow makes it an I;16 image
+        assert image.mode == "I;16"
+    else:
+        image = image.convert(mode)
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (W, H)
+    if mode in ("L", "I;16"):  # same grey levels, not clipped to white
+        assert (
+            np.abs(np.asarray(rgb.convert("L"), np.int16) - np.asarray(gradient_image(2).convert("L"), np.int16)).max()
+            <= 1
+        )
+    result = ours().render([Request("a cat", seed=1, steps=3, width=W, height=H, init_image=image, strength=0.5)])[0]
+    assert result.ok
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (W, H), (255, 0, 0, 0))
+    assert np.asarray(to_rgb(rgba)).min() == 255
+
+
+def test_init_image_of_the_same_shape_is_resized_another_shape_refused():
+    big = gradient_image(1).resize((W * 2, H * 2))
+    assert image_tensor(big, W, H).shape == (1, 3, H, W)
+    with pytest.raises(RequestError, match=r"init_image is 64x64 but the size asked for is 64x48: the aspect ratios"):
+        image_tensor(Image.new("RGB", (64, 64)), W, H)
+    with pytest.raises(RequestError, match=r"mask is 64x64"):
+        mask_tensor(Image.new("L", (64, 64)), W, H)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"width": 500}, "width must be a positive multiple of 8, got 500"),
+        ({"height": 0}, "height must be a positive multiple of 8, got 0"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"sampler": "lms"}, "unknown sampler 'lms'"),
+        ({"sampler": "ddpm", "karras": True}, "karras applies to"),
+        ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
+        ({"mask": Image.new("L", (8, 8))}, "a mask needs an init_image"),
+        ({"init_image": Image.new("RGB", (8, 8)), "strength": 0.01}, "runs no step at all"),
+        ({"seed": -1}, r"seed must be in \[0, 2\*\*64\)"),
+    ],
+)
+def test_bad_requests_are_refused(kwargs, message):
+    with pytest.raises(RequestError, match=message):
+        Request("a cat", **kwargs)
+
+
+def test_incompatible_batch_is_refused():
+    with pytest.raises(RequestError, match="a batch must share"):
+        ours().render([Request("a", steps=4, width=W, height=H), Request("b", steps=5, width=W, height=H)])
+
+
+def test_nan_latents_fail_that_image_only(monkeypatch):
+    pipe = ours()
+    unet_forward = pipe.model.unet.forward
+
+    def poisoned(x, t, context):
+        out = unet_forward(x, t, context)
+        out[0] = float("nan")  # the first row: the first request's cond
+        return out
+
+    monkeypatch.setattr(pipe.model.unet, "forward", poisoned)
+    results = pipe.render(
+        [
+            Request("a", seed=1, steps=3, cfg=1, width=W, height=H),
+            Request("b", seed=2, steps=3, cfg=1, width=W, height=H),
+        ]
+    )
+    assert not results[0].ok and results[0].error == "NaN or inf in the latents after sampling"
+    assert results[1].ok and results[1].error is None
+
+
+def test_fp16_vae_overflow_is_decoded_again_in_fp32(monkeypatch):
+    pipe = ours(dtype=torch.bfloat16)
+    vae = pipe.model.vae
+    decode = vae.decode
+    calls = []
+
+    def overflowing(z):
+        calls.append(z.dtype)
+        out = decode(z)
+        return out if z.dtype == torch.float32 else torch.full_like(out, float("inf"))
+
+    monkeypatch.setattr(vae, "decode", overflowing)
+    result = pipe.render([Request("a cat", seed=1, steps=3, width=W, height=H)])[0]
+    assert result.ok
+    assert calls == [torch.bfloat16, torch.float32]
+    assert next(vae.parameters()).dtype == torch.bfloat16  # given back its dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_renders_close_to_fp32(dtype):
+    request = Request("a red circle", seed=4, steps=4, width=W, height=H)
+    full = pixels([ours().render([request])[0].image])
+    half = ours(dtype=dtype).render([request])[0]
+    assert half.ok
+    assert {p.dtype for p in ours(dtype=dtype).model.parameters()} == {dtype}
+    assert np.abs(pixels([half.image]) - full).mean() < 12
