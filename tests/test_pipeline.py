@@ -357,3 +357,22 @@ def test_half_precision_renders_close_to_fp32(dtype):
     assert half.ok
     assert {p.dtype for p in ours(dtype=dtype).model.parameters()} == {dtype}
     assert np.abs(pixels([half.image]) - full).mean() < 12
+
+
+def test_cfg_1_skips_the_unconditional_rows(monkeypatch):
+    pipe = ours()
+    forward = pipe.model.unet.forward
+    rows = []
+
+    def counting(x, t, context):
+        rows.append(x.shape[0])
+        return forward(x, t, context)
+
+    monkeypatch.setattr(pipe.model.unet, "forward", counting)
+    pipe.render(
+        [
+            Request("a", seed=1, steps=2, cfg=1.0, width=W, height=H),
+            Request("b", seed=2, steps=2, cfg=7.0, width=W, height=H),
+        ]
+    )
+    assert rows == [3, 3]  # one row for the CFG-1 request, two (cond + uncond) for the other, one call per step
