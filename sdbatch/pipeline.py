@@ -286,17 +286,28 @@ class Pipeline:
         """denoised = model(x, i) with classifier-free guidance; cond and uncond rows share UNet calls
         (CFG 1 needs no uncond row). Rows are grouped by prompt length, since a long prompt's context
         is longer: padding it instead would change images depending on their batch-mates."""
-        rows: list[tuple[int, torch.Tensor]] = []  # (request index, context)
+        contexts: list[torch.Tensor] = []  # one UNet row each
+        owner: list[int] = []  # the request (latent) each row belongs to
         for k, r in enumerate(requests):
-            rows.append((k, self.encode_prompt(r.prompt)))
-            if r.cfg != 1:
-                rows.append((k, self.encode_prompt(r.negative)))
+            prompts = [r.prompt] if r.cfg == 1 else [r.prompt, r.negative]
+            contexts += [self.encode_prompt(p) for p in prompts]
+            owner += [k] * len(prompts)
+        first_row = [owner.index(k) for k in range(len(requests))]  # cond row; uncond follows if guided
+        guided = [k for k, r in enumerate(requests) if r.cfg != 1]
+        cond_rows = torch.tensor(first_row, device=self.device)
+        uncond_rows = torch.tensor([first_row[k] + 1 for k in guided], dtype=torch.long, device=self.device)
+        scales = torch.tensor([requests[k].cfg for k in guided], device=self.device)[:, None, None, None]
         groups: dict[int, list[int]] = {}
-        for n, (_, context) in enumerate(rows):
+        for n, context in enumerate(contexts):
             groups.setdefault(context.shape[1], []).append(n)
-        contexts = {length: torch.cat([rows[n][1] for n in members]) for length, members in groups.items()}
-        scales = torch.tensor([r.cfg for r in requests], device=self.device)[:, None, None, None]
-        guided = [r.cfg != 1 for r in requests]
+        batches = [
+            (
+                torch.tensor(rows, device=self.device),
+                torch.tensor([owner[n] for n in rows], device=self.device),
+                torch.cat([contexts[n] for n in rows]),
+            )
+            for rows in groups.values()
+        ]
         unet = self.model.unet
 
         def model(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -305,25 +316,14 @@ class Pipeline:
             if extra is not None:
                 x_in = torch.cat([x_in, extra], dim=1)
             t = plan.timesteps[i].to(self.device)
-            out: list[torch.Tensor | None] = [None] * len(rows)
-            for length, members in groups.items():
-                index = torch.tensor([rows[n][0] for n in members], device=self.device)
-                batch = x_in[index].to(self.dtype)
-                eps = unet(batch, t.expand(len(members)), contexts[length]).float()
-                for j, n in enumerate(members):
-                    out[n] = eps[j : j + 1]
-            eps_all = []
-            n = 0
-            for k in range(len(requests)):
-                cond = out[n]
-                if guided[k]:
-                    uncond = out[n + 1]
-                    cond = uncond + scales[k] * (cond - uncond)
-                    n += 2
-                else:
-                    n += 1
-                eps_all.append(cond)
-            return x - sigma * torch.cat(eps_all)
+            eps_rows = x.new_empty((len(contexts), *x.shape[1:]))
+            for rows, latents, context in batches:
+                eps_rows[rows] = unet(x_in[latents].to(self.dtype), t.expand(len(rows)), context).float()
+            eps = eps_rows[cond_rows]
+            if guided:
+                uncond = eps_rows[uncond_rows]
+                eps[guided] = uncond + scales * (eps[guided] - uncond)
+            return x - sigma * eps
 
         return model
 
