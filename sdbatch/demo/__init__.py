@@ -1,0 +1,1 @@
+"""The shipped demo model: a procedural captioned dataset, its tokenizer, and the training script."""
