@@ -42,7 +42,7 @@ def main(
 
 @app.command("check-model")
 def check_model(
-    path: Annotated[Path, typer.Argument(help="A .safetensors/.ckpt file or a diffusers folder.")],
+    path: Annotated[Path, typer.Argument(help="A .safetensors/.ckpt file, a diffusers folder, or a name (demo).")],
     vae: Annotated[Path | None, typer.Option(help="A separate VAE file or folder to load with it.")] = None,
     config: Annotated[
         str | None, typer.Option(help="Model config name (default: what the file says, or sd15).")
@@ -50,9 +50,10 @@ def check_model(
     hash_: Annotated[bool, typer.Option("--hash/--no-hash", help="Compute the sha256 (cached after once).")] = True,
 ) -> None:
     """Load a model fully and say what it is: kind, hash, sizes and where its tokenizer comes from."""
-    from .checkpoint import describe, load_model, model_hash
+    from .checkpoint import describe, load_model, model_hash, resolve_model
 
     try:
+        path = resolve_model(path)
         kind, shapes, _ = describe(path)
         out.print(f"[bold]{path}[/]: {kind.description} ({len(shapes)} tensors)")
         loaded = load_model(path, vae=vae, config=config)

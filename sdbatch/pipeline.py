@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import load_model
+from .checkpoint import load_model, resolve_model
 from .errors import InputError
 from .models import StableDiffusion
 from .samplers import NoiseSchedule, Plan, get_sampler, img2img_start
 from .tokenizer import Tokenizer, load_tokenizer
 
-CHUNK = 75  # prompt tokens per 77-token window (plus start and end tokens)
 ASPECT_TOLERANCE = 0.01  # init images whose aspect differs more than this are refused, not stretched
 PROMPT_CACHE_SIZE = 1024
 
@@ -176,6 +175,7 @@ class Pipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> "Pipeline":
+        path = resolve_model(path)  # a file, a folder, or a name such as "demo"
         loaded = load_model(path, vae=vae, device=device, dtype=dtype)
         tokenizer = load_tokenizer(path, vocab_size=loaded.config.clip.vocab_size)
         return cls(loaded.model, tokenizer, device, dtype)
@@ -183,12 +183,13 @@ class Pipeline:
     # -- prompts
 
     def token_windows(self, text: str) -> torch.Tensor:
-        """(k, 77) ids: the prompt cut into 75-token windows, each framed by start/end tokens and
-        padded with the end token, so long prompts are encoded whole (as A1111 does), never cut."""
+        """(k, 77) ids: the prompt cut into 75-token windows (for SD's 77 positions), each framed by
+        start/end tokens and padded with the end token: long prompts are encoded whole, never cut."""
         ids = self.tokenizer.tokens(text)
-        windows = [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)] or [[]]
+        chunk = self.model.config.clip.max_positions - 2  # 75 for SD; smaller for the demo model
+        windows = [ids[i : i + chunk] for i in range(0, len(ids), chunk)] or [[]]
         bos, eos = self.tokenizer.bos, self.tokenizer.eos
-        return torch.tensor([[bos, *w, eos] + [eos] * (CHUNK - len(w)) for w in windows], dtype=torch.long)
+        return torch.tensor([[bos, *w, eos] + [eos] * (chunk - len(w)) for w in windows], dtype=torch.long)
 
     def encode_prompt(self, text: str) -> torch.Tensor:
         """(1, 77 * k, width) text embeddings, cached per prompt for this pipeline's model."""

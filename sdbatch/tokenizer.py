@@ -9,7 +9,6 @@ A user with only a single-file checkpoint has no tokenizer files, so we look in 
 """
 
 import gzip
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from .checkpoint import is_diffusers_folder
+from .checkpoint import is_diffusers_folder, weights_dir
 from .errors import InputError
 
 BUNDLED_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
@@ -62,10 +61,6 @@ class Tokenizer:
         if len(ids) > length:
             raise ValueError(f"prompt is {len(ids) - 2} tokens, more than the {length - 2} that fit: {text[:60]!r}")
         return torch.tensor(ids + [self.eos] * (length - len(ids)), dtype=torch.long)
-
-
-def weights_dir() -> Path:
-    return Path(os.environ.get("SDBATCH_WEIGHTS", "weights"))
 
 
 def _from_folder(folder: Path) -> CLIPTokenizer:

@@ -400,3 +400,23 @@ def test_diffusers_folder_hash_follows_its_files(tmp_path):
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")
     assert model_sha256(folder) != first
+
+
+# ----------------------------------------------------------------------------------------------------
+# model names
+
+
+def test_models_are_found_by_path_or_by_name_in_the_weights_folder(tmp_path, monkeypatch, tiny):
+    from sdbatch.checkpoint import resolve_model
+
+    monkeypatch.setenv("SDBATCH_WEIGHTS", str(tmp_path))
+    single = save_checkpoint(tiny, tmp_path / "mine.safetensors")
+    folder_model = save_checkpoint(tiny, tmp_path / "small" / "model.safetensors")
+    assert resolve_model(single) == single
+    assert resolve_model("mine") == single
+    assert resolve_model("small") == folder_model  # a folder holding model.safetensors
+    assert resolve_model(tmp_path / "small") == folder_model
+    diffusers, _ = diffusers_folder(tmp_path / "sd")
+    assert resolve_model("sd") == diffusers  # a diffusers folder stays a folder
+    with pytest.raises(CheckpointError, match="model 'nothing' not found; looked for"):
+        resolve_model("nothing")

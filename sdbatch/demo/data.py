@@ -21,13 +21,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.32, "big": 0.6}  # side of the shape's bounding box, as a fraction of the image
+SIZES = {"small": 0.4, "big": 0.62}  # side of the shape's bounding box, as a fraction of the image
 POSITIONS = {  # centre of the shape, as fractions of the image
     "in the middle": (0.5, 0.5),
-    "on the left": (0.3, 0.5),
-    "on the right": (0.7, 0.5),
-    "at the top": (0.5, 0.3),
-    "at the bottom": (0.5, 0.7),
+    "on the left": (0.34, 0.5),
+    "on the right": (0.66, 0.5),
+    "at the top": (0.5, 0.34),
+    "at the bottom": (0.5, 0.66),
 }
 PHRASINGS = (
     "a {size} {colour} {shape} on a {background} background",
@@ -51,7 +51,7 @@ class Scene:
     def caption(self, phrasing: int = 0) -> str:
         return PHRASINGS[phrasing].format(**self.__dict__)
 
-    def render(self, side: int = 64) -> Image.Image:
+    def render(self, side: int = 32) -> Image.Image:
         big = side * SUPERSAMPLE
         image = Image.new("RGB", (big, big), COLOURS[self.background])
         draw = ImageDraw.Draw(image)
@@ -74,7 +74,7 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(rng.choice(SHAPES), colour, background, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)))
 
 
-def sample(seed: int, side: int = 64) -> tuple[Image.Image, str, Scene]:
+def sample(seed: int, side: int = 32) -> tuple[Image.Image, str, Scene]:
     """Sample `seed` of the dataset: the same image and caption for the same seed, always."""
     rng = random.Random(seed)
     scene = random_scene(rng)

@@ -1,29 +1,44 @@
 """A CLIP-format BPE tokenizer for the demo's caption vocabulary (vocab.json + merges.txt).
 
 Same conventions as SD's: the 256 byte-level symbols, the same with `</w>`, merges, then
-<|startoftext|> and <|endoftext|> (also the padding token). Merges are learned with the `tokenizers`
-library on the caption words, so every caption word is one token; any other text still encodes,
-as byte-level pieces, so a prompt outside the vocabulary never fails.
+<|startoftext|> and <|endoftext|> (also the padding token). Merges are learned on the caption words
+until every caption word is one token; any other text still encodes, as byte-level pieces, so a
+prompt outside the vocabulary never fails.
 """
 
 import json
+from itertools import pairwise
 from pathlib import Path
-
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, pre_tokenizers, trainers
 
 from ..tokenizer import _byte_alphabet
 from .data import vocabulary
 
 
 def learn_merges(words: list[str]) -> list[tuple[str, str]]:
-    """BPE merges that build every word whole (deterministic: a fixed, sorted word list)."""
-    model = HFTokenizer(models.BPE(end_of_word_suffix="</w>"))
-    model.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=100_000, end_of_word_suffix="</w>", show_progress=False)
-    model.train_from_iterator(words, trainer)
-    merges = json.loads(model.to_str())["model"]["merges"]
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    """BPE merges that build every word whole: repeatedly merge the most frequent adjacent pair,
+    ties broken by the smallest pair, so the result depends on the word list alone (the
+    `tokenizers` trainer breaks ties in hash order, which made ids change between runs)."""
+    spelled = [[*w[:-1], w[-1] + "</w>"] for w in sorted(set(words))]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in spelled:
+            for pair in pairwise(symbols):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for k, symbols in enumerate(spelled):
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            spelled[k] = merged
 
 
 def build(words: list[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:

@@ -64,9 +64,28 @@ _TINY = SDConfig(
     clip=CLIPConfig(width=32, layers=2, heads=2, mlp=64),
 )
 
+# The shipped demo model (sdbatch.demo.train): 32x32 images, f=4 latents, a 3-layer text encoder with
+# 16 positions over the demo vocabulary (< 640 tokens); sized to train in well under an hour on a
+# 2-core CPU. Its real scale_factor is measured in training and stored in the weights file's header.
+_DEMO = SDConfig(
+    "demo",
+    unet=UNetConfig(
+        model_channels=48,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_levels=(False, True, True),
+        num_heads=4,
+        context_dim=128,
+        norm_groups=16,
+    ),
+    vae=VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, scale_factor=1.0),
+    clip=CLIPConfig(vocab_size=640, width=128, max_positions=16, layers=3, heads=4, mlp=512),
+)
+
 CONFIGS: dict[str, SDConfig] = {
     "sd15": _SD15,
     "sd15-inpainting": replace(_SD15, name="sd15-inpainting", unet=replace(_SD15.unet, in_channels=9)),
+    "demo": _DEMO,
     "tiny": _TINY,
     "tiny-inpainting": replace(_TINY, name="tiny-inpainting", unet=replace(_TINY.unet, in_channels=9)),
 }
