@@ -397,6 +397,20 @@ def load_model(
     return LoadedModel(_load_view(view, cfg, device, dtype, path), path, kind, vae_path)
 
 
+def model_config(path: str | Path) -> SDConfig:
+    """The config `load_model` would use for this file or folder, read without loading any tensor."""
+    path = Path(path)
+    if is_diffusers_folder(path):
+        return config_from_diffusers(path)
+    weights = read_weights(path)
+    kind = detect_kind(weights.shapes())
+    if not kind.loadable:
+        raise CheckpointError(
+            f"{path}: {kind.description}; sdbatch loads SD 1.x checkpoints (normal or 9-channel inpainting) only"
+        )
+    return _config_for_file(weights, kind)
+
+
 def _resolve_config(config: str | SDConfig) -> SDConfig:
     try:
         return get_config(config)
@@ -639,6 +653,7 @@ __all__ = [
     "file_sha256",
     "is_diffusers_folder",
     "load_model",
+    "model_config",
     "model_hash",
     "model_sha256",
     "read_weights",

@@ -28,6 +28,7 @@ class SDConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
+    sample_size: int = 512  # the image side it was trained at: a job's size when none is given
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +45,7 @@ class SDConfig:
             unet=part(UNetConfig, data["unet"]),
             vae=part(VAEConfig, data["vae"]),
             clip=part(CLIPConfig, data["clip"]),
+            sample_size=int(data.get("sample_size") or getattr(CONFIGS.get(str(data["name"])), "sample_size", 512)),
         )
 
 
@@ -62,6 +64,7 @@ _TINY = SDConfig(
     ),
     vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8),  # f=8 like SD
     clip=CLIPConfig(width=32, layers=2, heads=2, mlp=64),
+    sample_size=64,
 )
 
 # The shipped demo model (sdbatch.demo.train): 32x32 images, f=4 latents, a 3-layer text encoder with
@@ -80,6 +83,7 @@ _DEMO = SDConfig(
     ),
     vae=VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, scale_factor=1.0),
     clip=CLIPConfig(vocab_size=640, width=128, max_positions=16, layers=3, heads=4, mlp=512),
+    sample_size=32,
 )
 
 CONFIGS: dict[str, SDConfig] = {

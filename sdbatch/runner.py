@@ -1,0 +1,365 @@
+"""Run a job: lock the output folder, skip what is done, render the rest in batches, write each
+image and its manifest line as soon as it exists, build contact sheets, and say how it went.
+
+Exit codes (see `exit_code`): 0 all done, 1 some images failed, 2 bad input, 75 the output folder
+is locked by another run, 130 interrupted (the images in flight were finished and written first).
+"""
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .jobs import Job, Task, iter_batches, with_model_size
+from .output import (
+    Manifest,
+    a1111_parameters,
+    build_sheets,
+    clean_temp_files,
+    file_name,
+    finished,
+    output_lock,
+    png_bytes,
+    read_manifests,
+    write_atomic,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
+RANDOMS = "randoms.json"  # the draws of `seed: random`, kept so that a resumed run uses the same seeds
+JOB_RECORD = "job.json"  # what `sdbatch sheets` needs to rebuild the contact sheets
+
+
+@dataclass
+class Options:
+    output: Path | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    dry_run: bool = False
+    sheets: bool = True
+
+
+@dataclass
+class Summary:
+    job: str
+    output: Path
+    total: int = 0
+    skipped: int = 0
+    rendered: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (task id, why)
+    seconds: float = 0.0
+    interrupted: bool = False
+    sheets: list[Path] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if self.failed else EXIT_OK
+
+
+class Reporter:
+    """Told about every step of a run; the CLI picks a rich, plain, JSON or quiet one."""
+
+    def start(self, job: Job, total: int, todo: int, output: Path) -> None: ...
+    def image(self, task: Task, file: str | None, error: str | None, done: int, todo: int, rate: float) -> None: ...
+    def note(self, message: str) -> None: ...
+    def end(self, summary: Summary) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Plan:
+    job: Job
+    model_path: Path
+    output: Path
+    tasks: list[Task]
+    done: dict[str, dict]  # id -> manifest entry
+    names: dict[str, str]  # id -> file name
+    randoms: dict[str, list[int]]
+
+    @property
+    def todo(self) -> list[Task]:
+        return [t for t in self.tasks if t.id not in self.done]
+
+
+def resolve_device(device: str) -> str:
+    """`auto` is the first GPU if there is one, else the CPU (several devices: issue of `devices`)."""
+    import torch
+
+    if device in ("auto", "", None):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def auto_batch_size(device: str) -> int:
+    """Batches large enough to keep the device busy without running out of memory."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return max(1, min(16, int(free / 2**30 / 2.5)))  # ~2.5 GiB per SD1.5 image at 512^2 in fp16
+    return 4
+
+
+def plan_job(job: Job, output: Path | None = None, randoms: dict[str, list[int]] | None = None) -> Plan:
+    """Expand the job against its model and what its output folder already holds (reads only)."""
+    from .checkpoint import model_config, model_sha256, resolve_model
+    from .jobs import draw_randoms
+
+    model_path = resolve_model(job.model)
+    config = model_config(model_path)
+    job = with_model_size(job, config.sample_size)
+    folder = Path(output) if output is not None else job.output
+    recorded = randoms if randoms is not None else _read_json(folder / RANDOMS)
+    randoms = draw_randoms(job.random_slots(), recorded)
+    model_id = model_sha256(model_path) + (f"+vae:{model_sha256(job.vae)}" if job.vae else "")
+    tasks = job.expand(model_id, randoms)
+    entries = read_manifests(folder) if folder.is_dir() else []
+    done = finished(entries, folder)
+    ids = {t.id for t in tasks}
+    done = {k: v for k, v in done.items() if k in ids}
+    names = _names(job, tasks, done, folder)
+    return Plan(job, model_path, folder, tasks, done, names, randoms)
+
+
+def _names(job: Job, tasks: list[Task], done: dict[str, dict], folder: Path) -> dict[str, str]:
+    """File names from the template; a name two tasks share, or one a file of another task already
+    has on disk, gets the task id appended so that no image ever overwrites another."""
+    names = {t.id: file_name(job.filename, t) for t in tasks}
+    counts: dict[str, int] = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    taken = {e["file"] for e in read_manifests(folder) if isinstance(e.get("file"), str)} if folder.is_dir() else set()
+    for t in tasks:
+        if t.id in done:
+            names[t.id] = done[t.id]["file"]
+            continue
+        name = names[t.id]
+        if counts[name] > 1 or name in taken or (folder / name).exists():
+            names[t.id] = name[: -len(".png")] + f"-{t.id[:8]}.png"
+    return names
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def entry_for(task: Task, file: str | None, job: Job, status: str, **extra: Any) -> dict:
+    """A manifest line: the task, where its image is, and how it went."""
+    return {
+        "id": task.id,
+        "file": file,
+        "status": status,
+        "prompt": task.prompt,
+        "negative": task.negative,
+        "seed": task.seed,
+        "steps": task.steps,
+        "sampler": task.sampler,
+        "karras": task.karras,
+        "cfg": task.cfg,
+        "strength": task.strength,
+        "size": [task.width, task.height],
+        "init_image": task.init_image,
+        "mask": task.mask,
+        "index": task.index,
+        "run": task.run,
+        "job": job.name,
+        **extra,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+class Interrupt:
+    """First Ctrl-C (or SIGTERM): finish and write the batch in flight, then stop. Second: stop now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextmanager
+    def installed(self) -> Iterator["Interrupt"]:
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def run_job(job: Job, options: Options, reporter: Reporter, render: Callable | None = None) -> Summary:
+    """Render every task of the job not already in its output folder. `render` (tests) replaces
+    loading the model: it takes a list of Tasks and returns (PIL image or None, error) per task."""
+    plan = plan_job(job, options.output)
+    folder, job = plan.output, plan.job
+    summary = Summary(job.name, folder, total=len(plan.tasks), skipped=len(plan.done))
+    if options.dry_run:
+        reporter.start(job, len(plan.tasks), len(plan.todo), folder)
+        reporter.end(summary)
+        return summary
+    with output_lock(folder):
+        clean_temp_files(folder)
+        write_atomic(folder / RANDOMS, json.dumps(plan.randoms, indent=1).encode())
+        _record_job(plan)
+        todo = plan.todo
+        reporter.start(job, len(plan.tasks), len(todo), folder)
+        started = time.perf_counter()
+        if todo:
+            _render_all(plan, todo, options, reporter, summary, render, started)
+        summary.seconds = time.perf_counter() - started
+        if options.sheets and not summary.interrupted:
+            summary.sheets = make_sheets(folder, job.name)
+    reporter.end(summary)
+    return summary
+
+
+def _render_all(plan, todo, options, reporter, summary, render, started) -> None:
+    job, folder = plan.job, plan.output
+    manifest = Manifest(folder)
+    device = resolve_device(options.device if options.device != "auto" else job.devices)
+    model_hash = ""
+    if render is None:
+        render, model_hash = _pipeline_renderer(plan, device)
+    else:
+        from .checkpoint import model_hash as short_hash
+
+        model_hash = short_hash(plan.model_path)
+    model_name = _model_name(plan.model_path)
+    text_common = {"job": job.name, "version": __version__, "model": {"name": model_name, "path": str(plan.model_path)}}
+    done = 0
+    with Interrupt().installed() as interrupt:
+        for batch in _batches(plan, todo, options, device):
+            if interrupt.requested:
+                summary.interrupted = True
+                break
+            try:
+                results = render(batch)
+            except KeyboardInterrupt:
+                summary.interrupted = True
+                break
+            except Exception as e:  # a batch that crashed: its images fail, the others go on
+                results = [(None, f"{type(e).__name__}: {e}")] * len(batch)
+            for task, (image, error) in zip(batch, results, strict=True):
+                name = plan.names[task.id]
+                if image is not None:
+                    meta = dict(text_common, task=entry_for(task, name, job, "ok"))
+                    meta["model"] = dict(meta["model"], hash=model_hash, sha256=_model_sha(plan.model_path))
+                    text = {
+                        "parameters": a1111_parameters(task, model_hash, model_name, __version__),
+                        "sdbatch": json.dumps(meta, ensure_ascii=False),
+                    }
+                    write_atomic(folder / name, png_bytes(image, text))
+                    manifest.append(entry_for(task, name, job, "ok", model_hash=model_hash))
+                    summary.rendered += 1
+                else:
+                    manifest.append(entry_for(task, None, job, "failed", error=error))
+                    summary.failed.append((task.id, f"{name}: {error}"))
+                done += 1
+                elapsed = time.perf_counter() - started
+                reporter.image(task, name if image is not None else None, error, done, len(todo), done / elapsed)
+            if interrupt.requested:
+                summary.interrupted = True
+                break
+
+
+def _model_sha(path: Path) -> str:
+    from .checkpoint import model_sha256
+
+    return model_sha256(path)
+
+
+def _model_name(path: Path) -> str:
+    """What A1111 writes as `Model`: the file's stem (the folder name for `weights/demo/model...`)."""
+    if path.name == "model.safetensors":
+        return path.parent.name
+    return path.stem if path.is_file() else path.name
+
+
+def _batches(plan: Plan, todo: list[Task], options: Options, device: str) -> Iterator[list[Task]]:
+    for run in plan.job.runs:
+        tasks = [t for t in todo if t.run == run.index]
+        size = options.batch_size or (run.batch_size if run.batch_size != "auto" else auto_batch_size(device))
+        yield from iter_batches(tasks, int(size))
+
+
+def _pipeline_renderer(plan: Plan, device: str) -> tuple[Callable, str]:
+    import torch
+    from PIL import Image
+
+    from .checkpoint import model_hash
+    from .pipeline import Pipeline, Request
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipeline = Pipeline.from_file(plan.model_path, vae=plan.job.vae, device=device, dtype=dtype)
+    images: dict[str, Image.Image] = {}
+
+    def image(path: str | None) -> Image.Image | None:
+        if path is None:
+            return None
+        if path not in images:
+            with Image.open(path) as im:
+                im.load()
+                images[path] = im.copy()
+        return images[path]
+
+    def render(batch: list[Task]) -> list[tuple[Any, str | None]]:
+        requests = [request_for(t, image(t.init_image), image(t.mask), Request) for t in batch]
+        return [(r.image, r.error) for r in pipeline.render(requests)]
+
+    return render, model_hash(plan.model_path)
+
+
+def request_for(task: Task, init_image: Any, mask: Any, request_type: type) -> Any:
+    return request_type(
+        prompt=task.prompt,
+        negative=task.negative,
+        seed=task.seed,
+        steps=task.steps,
+        sampler=task.sampler,
+        karras=task.karras,
+        cfg=task.cfg,
+        width=task.width,
+        height=task.height,
+        init_image=init_image,
+        mask=mask,
+        strength=task.strength if task.strength is not None else 0.75,
+    )
+
+
+def _record_job(plan: Plan) -> None:
+    runs = [{"index": r.index, "sheet": r.sheet} for r in plan.job.runs]
+    record = {"name": plan.job.name, "file": str(plan.job.file), "model": str(plan.model_path), "runs": runs}
+    write_atomic(plan.output / JOB_RECORD, json.dumps(record, indent=1).encode())
+
+
+def make_sheets(folder: Path, title: str | None = None) -> list[Path]:
+    """Contact sheets for every run in the folder's manifests (with the axes its job asked for)."""
+    record = _read_json(folder / JOB_RECORD)
+    wanted = {r.get("index"): r.get("sheet") or {} for r in record.get("runs", []) if isinstance(r, dict)}
+    entries = [e for e in read_manifests(folder) if e.get("status") == "ok"]
+    by_run: dict[int, dict[str, dict]] = {}
+    for e in entries:
+        by_run.setdefault(int(e.get("run", 0)), {})[str(e.get("id"))] = e  # a re-rendered id counts once
+    written = []
+    for run, items in sorted(by_run.items()):
+        name = title or record.get("name") or folder.name
+        written.extend(build_sheets(folder, run, list(items.values()), wanted.get(run, {}), f"{name} · run {run}"))
+    return written
+
+
+def isatty() -> bool:
+    return sys.stdout.isatty()
