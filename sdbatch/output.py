@@ -438,7 +438,8 @@ def _write_sheet(folder: Path, base: str, entries: list[dict], spec: SheetSpec, 
                     continue
                 with Image.open(folder / e["file"]) as im:
                     resample = Image.Resampling.NEAREST if cw >= im.width else Image.Resampling.LANCZOS
-                    sheet.paste(im.convert("RGB").resize((cw, ch), resample), (label_w + i * (cw + GAP), header_h + j * (ch + GAP)))
+                    cell = im.convert("RGB").resize((cw, ch), resample)
+                    sheet.paste(cell, (label_w + i * (cw + GAP), header_h + j * (ch + GAP)))
         path = folder / SHEETS / name
         path.parent.mkdir(exist_ok=True)
         import io

@@ -35,3 +35,14 @@ def tiny() -> StableDiffusion:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Figures tests measure (adherence rates, tolerances), printed at the end of every run so that the
+# numbers behind a pass are visible, not only the pass.
+REPORT: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if REPORT:
+        terminalreporter.section("measured")
+        for line in REPORT:
+            terminalreporter.write_line(line)

@@ -265,8 +265,27 @@ VALUE = st.recursive(
     max_leaves=6,
 )
 KEYS = st.sampled_from(
-    ["prompt", "negative", "seed", "steps", "cfg", "strength", "size", "sampler", "karras", "batch_size", "mask"]
-    + ["init_image", "defaults", "runs", "name", "model", "sheet", "filename", "bogus"]
+    [
+        "prompt",
+        "negative",
+        "seed",
+        "steps",
+        "cfg",
+        "strength",
+        "size",
+        "sampler",
+        "karras",
+        "batch_size",
+        "mask",
+        "init_image",
+        "defaults",
+        "runs",
+        "name",
+        "model",
+        "sheet",
+        "filename",
+        "bogus",
+    ]
 )
 
 

@@ -1,0 +1,140 @@
+"""The shipped demo model (weights/demo/) does what prompts, seeds, CFG, img2img and inpainting say.
+
+Images are judged by sdbatch.demo.judge (dominant foreground colour; fill ratio of the bounding box
+for the shape), which test_demo_data checks against the dataset's own renders first.
+"""
+
+import numpy as np
+import pytest
+from conftest import REPORT
+from PIL import Image
+
+from sdbatch.demo import data
+from sdbatch.demo.judge import judge
+from sdbatch.jobs import DEFAULTS
+from sdbatch.pipeline import Pipeline, Request
+
+SEEDS = range(8)
+STEPS, CFG, SAMPLER = DEFAULTS["steps"], DEFAULTS["cfg"], DEFAULTS["sampler"]  # a job's defaults
+
+
+@pytest.fixture(scope="module")
+def demo() -> Pipeline:
+    return Pipeline.from_file("demo")
+
+
+def contrast(colour: str) -> str:
+    """The dataset colour farthest from `colour`: a background the judge can separate."""
+    rgb = np.array(data.COLOURS[colour])
+    return max(data.COLOURS, key=lambda c: ((np.array(data.COLOURS[c]) - rgb) ** 2).sum())
+
+
+def prompt(colour: str, shape: str) -> str:
+    return f"a big {colour} {shape} on a {contrast(colour)} background"
+
+
+def render(pipe: Pipeline, requests: list[Request], batch: int = 64) -> list[Image.Image]:
+    images = []
+    for i in range(0, len(requests), batch):
+        images += [r.image for r in pipe.render(requests[i : i + batch])]
+    return images
+
+
+def adherence(pipe: Pipeline, cfg: float) -> tuple[float, float]:
+    cases = [(c, s, seed) for c in data.COLOURS for s in data.SHAPES for seed in SEEDS]
+    requests = [
+        Request(prompt(c, s), seed=seed, steps=STEPS, cfg=cfg, sampler=SAMPLER, width=32, height=32)
+        for c, s, seed in cases
+    ]
+    verdicts = [judge(im) for im in render(pipe, requests)]
+    colour = np.mean([v[0] == c for v, (c, _, _) in zip(verdicts, cases, strict=True)])
+    shape = np.mean([v[1] == s for v, (_, s, _) in zip(verdicts, cases, strict=True)])
+    return float(colour), float(shape)
+
+
+@pytest.fixture(scope="module")
+def rates(demo):
+    return {cfg: adherence(demo, cfg) for cfg in (CFG, 1.0)}
+
+
+def test_prompt_adherence_at_default_settings(rates):
+    colour, shape = rates[CFG]
+    n = len(data.COLOURS) * len(data.SHAPES) * len(SEEDS)
+    REPORT.append(
+        f"demo adherence, {n} images, cfg {CFG}, {STEPS} steps {SAMPLER}: colour {colour:.1%}, shape {shape:.1%}"
+    )
+    assert colour >= 0.85
+    assert shape >= 0.75
+
+
+def test_guidance_matters(rates):
+    colour, shape = rates[1.0]
+    REPORT.append(f"demo adherence at cfg 1: colour {colour:.1%}, shape {shape:.1%}")
+    assert colour + shape < sum(rates[CFG]) - 0.1
+
+
+def init_scene() -> tuple[Image.Image, data.Scene]:
+    scene = data.Scene("circle", "red", "blue", "big", "in the middle")
+    return scene.render(32), scene
+
+
+def test_img2img_low_strength_stays_close_high_strength_follows_the_prompt(demo):
+    init, _ = init_scene()
+    new = "a big yellow circle on a blue background"
+    base = np.asarray(init, dtype=np.float64)
+    low = render(
+        demo, [Request(new, seed=s, steps=STEPS, init_image=init, strength=0.3, width=32, height=32) for s in SEEDS]
+    )
+    high = render(
+        demo, [Request(new, seed=s, steps=STEPS, init_image=init, strength=0.9, width=32, height=32) for s in SEEDS]
+    )
+    low_diff = max(np.abs(np.asarray(im, dtype=np.float64) - base).mean() for im in low)
+    high_yellow = np.mean([judge(im)[0] == "yellow" for im in high])
+    low_red = np.mean([judge(im)[0] == "red" for im in low])
+    REPORT.append(
+        f"demo img2img: strength 0.3 worst mean |diff| {low_diff:.1f}/255, still red {low_red:.0%}; "
+        f"strength 0.9 yellow {high_yellow:.0%}"
+    )
+    assert low_diff < 20 and low_red == 1.0
+    assert high_yellow >= 0.75
+
+
+def test_inpainting_repaints_the_masked_half_only(demo):
+    init = Image.new("RGB", (32, 32), data.COLOURS["blue"])
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))  # the left half is repainted
+    requests = [
+        Request(
+            "a big yellow square in the middle, blue background",
+            seed=s,
+            steps=STEPS,
+            init_image=init,
+            mask=mask,
+            strength=1.0,
+            width=32,
+            height=32,
+        )
+        for s in SEEDS
+    ]
+    yellow, blue = np.array(data.COLOURS["yellow"]), np.array(data.COLOURS["blue"])
+    kept, painted = [], []
+    for im in render(demo, requests):
+        px = np.asarray(im, dtype=np.float64)
+        kept.append(np.abs(px[:, 18:] - blue).mean())  # 2 px margin: the VAE blends across the edge
+        left = px[:, :16].reshape(-1, 3)
+        near_yellow = ((left - yellow) ** 2).sum(1) < ((left - blue) ** 2).sum(1)
+        painted.append(near_yellow.mean())
+    REPORT.append(
+        f"demo inpainting: kept half worst mean |diff| {max(kept):.1f}/255; "
+        f"repainted half yellow pixels {np.mean(painted):.0%} on average, least {min(painted):.0%}"
+    )
+    assert max(kept) < 12
+    assert min(painted) > 0.1 and np.mean(painted) > 0.25
+
+
+def test_same_request_twice_gives_the_same_pixels(demo):
+    request = Request("a small green triangle on the left, white background", seed=42, steps=STEPS, width=32, height=32)
+    a, b = render(demo, [request]), render(demo, [request])
+    assert a[0].tobytes() == b[0].tobytes()
+    other = render(demo, [Request(request.prompt, seed=43, steps=STEPS, width=32, height=32)])
+    assert other[0].tobytes() != a[0].tobytes()
