@@ -132,6 +132,8 @@ def plan(
     axes = ", ".join(f"{axis} {n}" for axis, n in counts.items() if n > 1) or "nothing varies"
     out.print(f"[bold]{p.job.name}[/]: {len(p.tasks)} images ({axes}) with {p.model_path}", highlight=False)
     out.print(f"output {p.output}: {len(p.done)} already done, {len(p.todo)} to render", highlight=False)
+    if p.job.random_slots() and not (p.output / "randoms.json").exists():
+        out.print("seed: random is drawn when the job first runs; the seeds below are an example", highlight=False)
     table = Table("#", "file", "prompt", "seed", "steps", "sampler", "cfg", "size", "done", box=None)
     for t in p.tasks[:show]:
         sampler = t.sampler + (" karras" if t.karras else "")
@@ -162,6 +164,13 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report; render and write nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only failures.")] = False,
     log_json: Annotated[bool, typer.Option("--log-json", help="JSON lines on stdout instead of text.")] = False,
+    shard: Annotated[
+        str | None, typer.Option(help="i/n: render only tasks whose index is i modulo n (cron, SLURM arrays).")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="local (worker per device) or ray (sdbatch[ray]).")] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")
+    ] = None,
 ) -> None:
     """Render a job. Finished images are skipped, so running it again resumes. Exit codes: 0 done,
     1 some images failed, 2 bad input, 75 output folder in use by another run, 130 interrupted."""
@@ -179,7 +188,17 @@ def run(
         reporter = report.PlainReporter()
     try:
         job = _load(job_file)
-        options = Options(output=output, device=devices or "auto", batch_size=batch_size, dry_run=dry_run)
+        if backend not in ("local", "ray"):
+            raise InputError(f"--backend: {backend!r}; use local or ray")
+        options = Options(
+            output=output,
+            device=devices or "auto",
+            batch_size=batch_size,
+            dry_run=dry_run,
+            shard=_shard(shard),
+            backend=backend,
+            ray_address=ray_address,
+        )
         summary = run_job(job, options, reporter)
     except InputError as e:
         raise _fail(e) from None
@@ -188,6 +207,17 @@ def run(
     finally:
         reporter.close()
     raise typer.Exit(summary.exit_code)
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise InputError(f"--shard {text!r}: write i/n with 0 <= i < n, e.g. --shard 0/4")
+    return int(m[1]), int(m[2])
 
 
 @app.command()

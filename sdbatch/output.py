@@ -195,15 +195,15 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def output_lock(folder: Path, name: str = ".sdbatch.lock"):
+def output_lock(folder: Path, name: str = ".sdbatch.lock", wait: bool = False):
     """Hold an exclusive lock on the output folder for the whole run; the OS drops it when the
-    process dies, so a killed run never leaves a stale lock behind."""
+    process dies, so a killed run never leaves a stale lock behind. Shards lock their own name."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             raise OutputLocked(

@@ -15,6 +15,8 @@ from .runner import Reporter, Summary
 
 def _summary_line(s: Summary) -> str:
     rate = f", {s.rendered / s.seconds:.2f} img/s" if s.rendered and s.seconds > 0 else ""
+    if s.dry_run:
+        return f"{s.job}: dry run: {s.total - s.skipped} to render, {s.skipped} already done of {s.total} -> {s.output}"
     state = "interrupted" if s.interrupted else "done"
     parts = [f"{s.rendered} rendered", f"{s.skipped} already done", f"{len(s.failed)} failed"]
     return f"{s.job}: {state}: {', '.join(parts)} of {s.total} in {s.seconds:.1f} s{rate} -> {s.output}"

@@ -6,6 +6,7 @@ is locked by another run, 130 interrupted (the images in flight were finished an
 """
 
 import json
+import os
 import signal
 import sys
 import time
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .errors import InputError
 from .jobs import Job, Task, iter_batches, with_model_size
 from .output import (
+    MANIFEST,
     Manifest,
     a1111_parameters,
     build_sheets,
@@ -43,6 +46,9 @@ class Options:
     batch_size: int | None = None
     dry_run: bool = False
     sheets: bool = True
+    shard: tuple[int, int] | None = None  # (i, n): this run renders tasks with index % n == i
+    backend: str = "local"  # or "ray"
+    ray_address: str | None = None
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Summary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (task id, why)
     seconds: float = 0.0
     interrupted: bool = False
+    dry_run: bool = False
     sheets: list[Path] = field(default_factory=list)
 
     @property
@@ -83,6 +90,7 @@ class Plan:
     done: dict[str, dict]  # id -> manifest entry
     names: dict[str, str]  # id -> file name
     randoms: dict[str, list[int]]
+    all_ids: list[str]  # every task of the job, whatever the shard
 
     @property
     def todo(self) -> list[Task]:
@@ -90,12 +98,10 @@ class Plan:
 
 
 def resolve_device(device: str) -> str:
-    """`auto` is the first GPU if there is one, else the CPU (several devices: issue of `devices`)."""
-    import torch
+    """The first device of a --devices value (`auto`: the first GPU, else the CPU)."""
+    from .devices import parse_devices
 
-    if device in ("auto", "", None):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return parse_devices(device)[0]
 
 
 def auto_batch_size(device: str) -> int:
@@ -105,11 +111,18 @@ def auto_batch_size(device: str) -> int:
     if device.startswith("cuda") and torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return max(1, min(16, int(free / 2**30 / 2.5)))  # ~2.5 GiB per SD1.5 image at 512^2 in fp16
-    return 4
+    return 8
 
 
-def plan_job(job: Job, output: Path | None = None, randoms: dict[str, list[int]] | None = None) -> Plan:
-    """Expand the job against its model and what its output folder already holds (reads only)."""
+def plan_job(
+    job: Job,
+    output: Path | None = None,
+    randoms: dict[str, list[int]] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Plan:
+    """Expand the job against its model and what its output folder already holds (reads only).
+    With `shard=(i, n)` the plan keeps the tasks whose index is i modulo n; names and ids are
+    those of the whole job, so the shards of one job fill one folder without clashing."""
     from .checkpoint import model_config, model_sha256, resolve_model
     from .jobs import draw_randoms
 
@@ -122,11 +135,14 @@ def plan_job(job: Job, output: Path | None = None, randoms: dict[str, list[int]]
     model_id = model_sha256(model_path) + (f"+vae:{model_sha256(job.vae)}" if job.vae else "")
     tasks = job.expand(model_id, randoms)
     entries = read_manifests(folder) if folder.is_dir() else []
-    done = finished(entries, folder)
     ids = {t.id for t in tasks}
-    done = {k: v for k, v in done.items() if k in ids}
+    done = {k: v for k, v in finished(entries, folder).items() if k in ids}
     names = _names(job, tasks, done, folder)
-    return Plan(job, model_path, folder, tasks, done, names, randoms)
+    all_ids = [t.id for t in tasks]
+    if shard is not None:
+        tasks = [t for t in tasks if t.index % shard[1] == shard[0]]
+        done = {k: v for k, v in done.items() if k in {t.id for t in tasks}}
+    return Plan(job, model_path, folder, tasks, done, names, randoms, all_ids)
 
 
 def _names(job: Job, tasks: list[Task], done: dict[str, dict], folder: Path) -> dict[str, str]:
@@ -202,78 +218,123 @@ class Interrupt:
 
 
 def run_job(job: Job, options: Options, reporter: Reporter, render: Callable | None = None) -> Summary:
-    """Render every task of the job not already in its output folder. `render` (tests) replaces
-    loading the model: it takes a list of Tasks and returns (PIL image or None, error) per task."""
-    plan = plan_job(job, options.output)
-    folder, job = plan.output, plan.job
-    summary = Summary(job.name, folder, total=len(plan.tasks), skipped=len(plan.done))
+    """Render every task of the job (or of its shard) not already in its output folder. `render`
+    (tests) replaces loading the model: it takes a list of Tasks and returns (image, error) pairs."""
+    folder = Path(options.output) if options.output is not None else job.output
     if options.dry_run:
-        reporter.start(job, len(plan.tasks), len(plan.todo), folder)
+        plan = plan_job(job, folder, shard=options.shard)
+        summary = Summary(job.name, folder, total=len(plan.tasks), skipped=len(plan.done), dry_run=True)
+        reporter.start(plan.job, len(plan.tasks), len(plan.todo), folder)
         reporter.end(summary)
         return summary
-    with output_lock(folder):
+    if options.shard is not None and not (0 <= options.shard[0] < options.shard[1]):
+        raise InputError(f"--shard {options.shard[0]}/{options.shard[1]}: i must be in 0..n-1")
+    with output_lock(folder, _lock_name(options.shard)):
         clean_temp_files(folder)
-        write_atomic(folder / RANDOMS, json.dumps(plan.randoms, indent=1).encode())
+        plan = plan_job(job, folder, _settle_randoms(folder, job), options.shard)
+        job = plan.job
         _record_job(plan)
+        summary = Summary(job.name, folder, total=len(plan.tasks), skipped=len(plan.done))
         todo = plan.todo
         reporter.start(job, len(plan.tasks), len(todo), folder)
         started = time.perf_counter()
         if todo:
             _render_all(plan, todo, options, reporter, summary, render, started)
         summary.seconds = time.perf_counter() - started
-        if options.sheets and not summary.interrupted:
+        if options.sheets and not summary.interrupted and _all_done(plan):
             summary.sheets = make_sheets(folder, job.name)
     reporter.end(summary)
     return summary
 
 
-def _render_all(plan, todo, options, reporter, summary, render, started) -> None:
-    job, folder = plan.job, plan.output
-    manifest = Manifest(folder)
-    device = resolve_device(options.device if options.device != "auto" else job.devices)
-    model_hash = ""
-    if render is None:
-        render, model_hash = _pipeline_renderer(plan, device)
-    else:
-        from .checkpoint import model_hash as short_hash
+def _lock_name(shard: tuple[int, int] | None) -> str:
+    return ".sdbatch.lock" if shard is None else f".sdbatch-shard-{shard[0]}-of-{shard[1]}.lock"
 
-        model_hash = short_hash(plan.model_path)
+
+def _settle_randoms(folder: Path, job: Job) -> dict[str, list[int]]:
+    """The seeds of `seed: random`: those recorded in the folder, else drawn now and recorded,
+    under a lock so that shards starting together all use the first shard's draw."""
+    from .jobs import draw_randoms
+
+    slots = job.random_slots()
+    with output_lock(folder, ".sdbatch-randoms.lock", wait=True):
+        recorded = _read_json(folder / RANDOMS)
+        randoms = draw_randoms(slots, recorded)
+        if randoms != {k: recorded.get(k) for k in randoms}:
+            write_atomic(folder / RANDOMS, json.dumps(recorded | randoms, indent=1).encode())
+    return randoms
+
+
+def _all_done(plan: Plan) -> bool:
+    """Every task of the job (all shards) finished: then the contact sheets can be built."""
+    done = finished(read_manifests(plan.output), plan.output)
+    return all(i in done for i in plan.all_ids)
+
+
+def _executor(plan: Plan, options: Options, render: Callable | None, note: Callable[[str], None]):
+    """Tests pass `render`; otherwise one device renders here, several in worker processes, and
+    `--backend ray` on Ray actors."""
+    from .devices import LocalExecutor, ModelSpec, ProcessExecutor, build_renderer, parse_devices
+
+    if render is not None:
+        return LocalExecutor(render), "cpu"
+    devices = parse_devices(options.device if options.device != "auto" else plan.job.devices)
+    path, vae = str(plan.model_path), plan.job.vae
+    if options.backend == "ray":
+        from .raybackend import RayExecutor
+
+        spec = ModelSpec(path, vae, devices[0])
+        executor = RayExecutor(spec, options.ray_address, cpu_workers=len(devices), note=note)
+        return executor, executor.device
+    if len(devices) == 1:
+        return LocalExecutor(build_renderer(ModelSpec(path, vae, devices[0]))), devices[0]
+    cpu_workers = devices.count("cpu")
+    threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
+    specs = [ModelSpec(path, vae, d, threads if d == "cpu" else None) for d in devices]
+    return ProcessExecutor(specs, note), devices[0]
+
+
+def _render_all(plan, todo, options, reporter, summary, render, started) -> None:
+    from .checkpoint import model_hash as short_hash
+
+    job, folder = plan.job, plan.output
+    manifest = Manifest(folder, _manifest_name(options.shard))
+    model_hash, sha256 = short_hash(plan.model_path), _model_sha(plan.model_path)
     model_name = _model_name(plan.model_path)
-    text_common = {"job": job.name, "version": __version__, "model": {"name": model_name, "path": str(plan.model_path)}}
+    model = {"name": model_name, "path": str(plan.model_path), "hash": model_hash, "sha256": sha256}
     done = 0
-    with Interrupt().installed() as interrupt:
-        for batch in _batches(plan, todo, options, device):
-            if interrupt.requested:
-                summary.interrupted = True
-                break
-            try:
-                results = render(batch)
-            except KeyboardInterrupt:
-                summary.interrupted = True
-                break
-            except Exception as e:  # a batch that crashed: its images fail, the others go on
-                results = [(None, f"{type(e).__name__}: {e}")] * len(batch)
-            for task, (image, error) in zip(batch, results, strict=True):
-                name = plan.names[task.id]
-                if image is not None:
-                    meta = dict(text_common, task=entry_for(task, name, job, "ok"))
-                    meta["model"] = dict(meta["model"], hash=model_hash, sha256=_model_sha(plan.model_path))
-                    text = {
-                        "parameters": a1111_parameters(task, model_hash, model_name, __version__),
-                        "sdbatch": json.dumps(meta, ensure_ascii=False),
-                    }
-                    write_atomic(folder / name, png_bytes(image, text))
-                    manifest.append(entry_for(task, name, job, "ok", model_hash=model_hash))
-                    summary.rendered += 1
-                else:
-                    manifest.append(entry_for(task, None, job, "failed", error=error))
-                    summary.failed.append((task.id, f"{name}: {error}"))
-                done += 1
-                elapsed = time.perf_counter() - started
-                reporter.image(task, name if image is not None else None, error, done, len(todo), done / elapsed)
-            if interrupt.requested:
-                summary.interrupted = True
-                break
+    executor, device = _executor(plan, options, render, reporter.note)
+    try:
+        with Interrupt().installed() as interrupt:
+            batches = _batches(plan, todo, options, device)
+            for batch, results in executor.map(batches, lambda: interrupt.requested):
+                for task, (image, error) in zip(batch, results, strict=True):
+                    name = plan.names[task.id]
+                    if image is not None:
+                        meta = {"job": job.name, "version": __version__, "model": model}
+                        meta["task"] = entry_for(task, name, job, "ok")
+                        text = {
+                            "parameters": a1111_parameters(task, model_hash, model_name, __version__),
+                            "sdbatch": json.dumps(meta, ensure_ascii=False),
+                        }
+                        write_atomic(folder / name, png_bytes(image, text))
+                        manifest.append(entry_for(task, name, job, "ok", model_hash=model_hash))
+                        summary.rendered += 1
+                    else:
+                        manifest.append(entry_for(task, None, job, "failed", error=error))
+                        summary.failed.append((task.id, f"{name}: {error}"))
+                    done += 1
+                    elapsed = time.perf_counter() - started
+                    reporter.image(task, name if image is not None else None, error, done, len(todo), done / elapsed)
+            summary.interrupted = interrupt.requested and done < len(todo)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; what is written is whole
+        summary.interrupted = True
+    finally:
+        executor.close()
+
+
+def _manifest_name(shard: tuple[int, int] | None) -> str:
+    return MANIFEST if shard is None else f"manifest-shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
 def _model_sha(path: Path) -> str:
@@ -294,33 +355,6 @@ def _batches(plan: Plan, todo: list[Task], options: Options, device: str) -> Ite
         tasks = [t for t in todo if t.run == run.index]
         size = options.batch_size or (run.batch_size if run.batch_size != "auto" else auto_batch_size(device))
         yield from iter_batches(tasks, int(size))
-
-
-def _pipeline_renderer(plan: Plan, device: str) -> tuple[Callable, str]:
-    import torch
-    from PIL import Image
-
-    from .checkpoint import model_hash
-    from .pipeline import Pipeline, Request
-
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipeline = Pipeline.from_file(plan.model_path, vae=plan.job.vae, device=device, dtype=dtype)
-    images: dict[str, Image.Image] = {}
-
-    def image(path: str | None) -> Image.Image | None:
-        if path is None:
-            return None
-        if path not in images:
-            with Image.open(path) as im:
-                im.load()
-                images[path] = im.copy()
-        return images[path]
-
-    def render(batch: list[Task]) -> list[tuple[Any, str | None]]:
-        requests = [request_for(t, image(t.init_image), image(t.mask), Request) for t in batch]
-        return [(r.image, r.error) for r in pipeline.render(requests)]
-
-    return render, model_hash(plan.model_path)
 
 
 def request_for(task: Task, init_image: Any, mask: Any, request_type: type) -> Any:
