@@ -14,7 +14,7 @@ from rich.console import Console
 from . import __version__
 from .errors import InputError
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED = 1, 2, 75
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 1, 2, 75, 130
 
 app = typer.Typer(
     help="Batch renderer for Stable Diffusion v1.x: YAML sweeps, every device busy, reproducible images.",
@@ -204,6 +204,8 @@ def run(
         raise _fail(e) from None
     except OutputLocked as e:
         raise _fail(e, EXIT_LOCKED) from None
+    except KeyboardInterrupt:  # before rendering began (loading), or a second Ctrl-C
+        raise _fail(InputError("interrupted"), EXIT_INTERRUPTED) from None
     finally:
         reporter.close()
     raise typer.Exit(summary.exit_code)

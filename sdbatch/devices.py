@@ -229,11 +229,14 @@ class ProcessExecutor:
 
         while True:
             fill()
+            if not self.alive:  # nobody left to render: what is left fails, nothing is silently dropped
+                for _, batch in retry:
+                    yield batch, [(None, "every worker died")] * len(batch)
+                retry.clear()
+                while (item := next_batch()) is not None:
+                    yield item[1], [(None, "every worker died")] * len(item[1])
+                return
             if not any(assigned[w] for w in assigned):
-                if retry and not self.alive:
-                    for _, batch in retry:
-                        yield batch, [(None, "every worker died")] * len(batch)
-                    retry.clear()
                 if not retry:
                     return
                 continue

@@ -9,8 +9,10 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +38,11 @@ from .output import (
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 RANDOMS = "randoms.json"  # the draws of `seed: random`, kept so that a resumed run uses the same seeds
-JOB_RECORD = "job.json"  # what `sdbatch sheets` needs to rebuild the contact sheets
+JOB_RECORD = "job.json"
+WRITERS = 4  # threads encoding and writing PNGs
+WRITE_BACKLOG = (
+    256  # images rendered but not yet written, at most  # what `sdbatch sheets` needs to rebuild the contact sheets
+)
 
 
 @dataclass
@@ -229,6 +235,9 @@ def run_job(job: Job, options: Options, reporter: Reporter, render: Callable | N
         return summary
     if options.shard is not None and not (0 <= options.shard[0] < options.shard[1]):
         raise InputError(f"--shard {options.shard[0]}/{options.shard[1]}: i must be in 0..n-1")
+    from .checkpoint import model_config, resolve_model
+
+    model_config(resolve_model(job.model))  # a bad model is bad input: say so before creating anything
     with output_lock(folder, _lock_name(options.shard)):
         clean_temp_files(folder)
         plan = plan_job(job, folder, _settle_randoms(folder, job), options.shard)
@@ -295,6 +304,8 @@ def _executor(plan: Plan, options: Options, render: Callable | None, note: Calla
 
 
 def _render_all(plan, todo, options, reporter, summary, render, started) -> None:
+    """Batches go to the executor; each finished image is encoded, written and logged on a small
+    thread pool, so the device never waits for PNG compression or the disk."""
     from .checkpoint import model_hash as short_hash
 
     job, folder = plan.job, plan.output
@@ -302,35 +313,55 @@ def _render_all(plan, todo, options, reporter, summary, render, started) -> None
     model_hash, sha256 = short_hash(plan.model_path), _model_sha(plan.model_path)
     model_name = _model_name(plan.model_path)
     model = {"name": model_name, "path": str(plan.model_path), "hash": model_hash, "sha256": sha256}
+    lock = threading.Lock()
     done = 0
+
+    def finish(task: Task, image: Any, error: str | None) -> None:
+        nonlocal done
+        name = plan.names[task.id]
+        if image is not None:
+            try:
+                meta = {"job": job.name, "version": __version__, "model": model}
+                meta["task"] = entry_for(task, name, job, "ok")
+                text = {
+                    "parameters": a1111_parameters(task, model_hash, model_name, __version__),
+                    "sdbatch": json.dumps(meta, ensure_ascii=False),
+                }
+                write_atomic(folder / name, png_bytes(image, text))
+                manifest.append(entry_for(task, name, job, "ok", model_hash=model_hash))
+            except OSError as e:  # disk full, permissions: this image fails, the run goes on
+                image, error = None, f"could not write {name}: {e}"
+        if image is None:
+            manifest.append(entry_for(task, None, job, "failed", error=error))
+        with lock:
+            if image is not None:
+                summary.rendered += 1
+            else:
+                summary.failed.append((task.id, f"{name}: {error}"))
+            done += 1
+            rate = done / (time.perf_counter() - started)
+            reporter.image(task, name if image is not None else None, error, done, len(todo), rate)
+
     executor, device = _executor(plan, options, render, reporter.note)
+    writers = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="sdbatch-write")
+    pending: list = []
     try:
         with Interrupt().installed() as interrupt:
             batches = _batches(plan, todo, options, device)
             for batch, results in executor.map(batches, lambda: interrupt.requested):
                 for task, (image, error) in zip(batch, results, strict=True):
-                    name = plan.names[task.id]
-                    if image is not None:
-                        meta = {"job": job.name, "version": __version__, "model": model}
-                        meta["task"] = entry_for(task, name, job, "ok")
-                        text = {
-                            "parameters": a1111_parameters(task, model_hash, model_name, __version__),
-                            "sdbatch": json.dumps(meta, ensure_ascii=False),
-                        }
-                        write_atomic(folder / name, png_bytes(image, text))
-                        manifest.append(entry_for(task, name, job, "ok", model_hash=model_hash))
-                        summary.rendered += 1
-                    else:
-                        manifest.append(entry_for(task, None, job, "failed", error=error))
-                        summary.failed.append((task.id, f"{name}: {error}"))
-                    done += 1
-                    elapsed = time.perf_counter() - started
-                    reporter.image(task, name if image is not None else None, error, done, len(todo), done / elapsed)
-            summary.interrupted = interrupt.requested and done < len(todo)
+                    pending.append(writers.submit(finish, task, image, error))
+                while len(pending) > WRITE_BACKLOG:  # memory stays bounded if the disk is slow
+                    pending.pop(0).result()
+            summary.interrupted = interrupt.requested and len(pending) + done < len(todo)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now; what is written is whole
         summary.interrupted = True
     finally:
+        writers.shutdown(wait=True)  # every image already rendered gets written, even when stopping
+        for future in pending:
+            future.result()
         executor.close()
+    summary.interrupted = summary.interrupted and done < len(todo)
 
 
 def _manifest_name(shard: tuple[int, int] | None) -> str:

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPORT
 from PIL import Image
 
-from conftest import REPORT
 from sdbatch.devices import parse_devices, with_backoff
 from sdbatch.errors import InputError
 from sdbatch.jobs import load_job
