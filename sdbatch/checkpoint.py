@@ -411,6 +411,24 @@ def model_config(path: str | Path) -> SDConfig:
     return _config_for_file(weights, kind)
 
 
+DEFAULTS_METADATA_KEY = "sdbatch.defaults"
+
+
+def model_defaults(path: str | Path) -> dict:
+    """Settings the model's maker recommends, from its safetensors header (`sdbatch.defaults`,
+    e.g. {"cfg": 4.0}); jobs use them where they set nothing themselves. Empty for other files."""
+    path = Path(path)
+    if is_diffusers_folder(path) or path.suffix != ".safetensors":
+        return {}
+    stored = read_weights(path).metadata.get(DEFAULTS_METADATA_KEY)
+    try:
+        data = json.loads(stored) if stored else {}
+    except json.JSONDecodeError:
+        return {}
+    cfg = data.get("cfg") if isinstance(data, dict) else None
+    return {"cfg": float(cfg)} if isinstance(cfg, (int, float)) and 0 <= cfg <= 100 else {}
+
+
 def _resolve_config(config: str | SDConfig) -> SDConfig:
     try:
         return get_config(config)
@@ -565,6 +583,9 @@ def save_checkpoint(model: StableDiffusion, path: str | Path, metadata: dict[str
             save_file(state, tmp, metadata=header)
         else:
             torch.save({"state_dict": state}, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a weights file is as readable as any other
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

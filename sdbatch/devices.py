@@ -75,8 +75,9 @@ def with_backoff(render: Render) -> Render:
             _free_cuda()
             if len(batch) == 1:
                 return [(None, f"out of memory even at batch size 1: {e}")]
-            limit[0] = max(1, len(batch) // 2)
-            return run(batch[: limit[0]]) + run(batch[limit[0] :])
+            half = max(1, len(batch) // 2)
+            limit[0] = half if limit[0] is None else min(limit[0], half)
+            return run(batch[:half]) + run(batch[half:])
 
     run.limit = limit  # type: ignore[attr-defined]  # for tests and reporting
     return run

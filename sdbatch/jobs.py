@@ -50,10 +50,11 @@ DEFAULTS: dict[str, Any] = {
     "karras": False,
     "steps": 30,
     "strength": 0.75,
-    "cfg": 7.5,
+    "cfg": None,  # the model's recommended CFG (its file's header), else DEFAULT_CFG
     "seed": 0,
     "batch_size": "auto",
 }
+DEFAULT_CFG = 7.5
 DEFAULT_FILENAME = "{index:05d}-{seed}-{slug}"
 FILENAME_FIELDS = ("index", "seed", "slug", "id", "cfg", "steps", "sampler", "strength", "width", "height", "run")
 MAX_AXIS_VALUES = 100_000
@@ -723,7 +724,7 @@ def _run(check: _Checker, index: int, block: LineDict, defaults: LineDict, prefi
             sources[key] = Source(check.name, line, label)
     if len(check.problems) > before:
         return None
-    # size None = the model's own size, filled in once the model is known (Job.with_model_size)
+    # size None = the model's own size, filled in once the model is known (with_model_defaults)
     karras_bad = [s for s in values["sampler"] if True in values["karras"] and not _karras_ok(s)]
     if karras_bad:
         src = sources["karras"]
@@ -807,10 +808,12 @@ def _sheet(check: _Checker, raw: Any, line: int) -> dict[str, str | None]:
     return out
 
 
-def with_model_size(job: Job, size: int) -> Job:
-    """Fill `size` left unset with the model's own image size (512 for SD1, 32 for the demo)."""
+def with_model_defaults(job: Job, size: int, cfg: float = DEFAULT_CFG) -> Job:
+    """Fill what the job left to the model: `size` (the model's own image side, 512 for SD1, 32
+    for the demo) and `cfg` (the model's recommended scale, 7.5 when it names none)."""
     for run in job.runs:
         run.values["size"] = [s if s is not None else (size, size) for s in run.values["size"]]
+        run.values["cfg"] = [c if c is not None else float(cfg) for c in run.values["cfg"]]
     return job
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError
-from .jobs import Job, Task, iter_batches, with_model_size
+from .jobs import Job, Task, iter_batches, with_model_defaults
 from .output import (
     MANIFEST,
     Manifest,
@@ -129,12 +129,12 @@ def plan_job(
     """Expand the job against its model and what its output folder already holds (reads only).
     With `shard=(i, n)` the plan keeps the tasks whose index is i modulo n; names and ids are
     those of the whole job, so the shards of one job fill one folder without clashing."""
-    from .checkpoint import model_config, model_sha256, resolve_model
-    from .jobs import draw_randoms
+    from .checkpoint import model_config, model_defaults, model_sha256, resolve_model
+    from .jobs import DEFAULT_CFG, draw_randoms
 
     model_path = resolve_model(job.model)
     config = model_config(model_path)
-    job = with_model_size(job, config.sample_size)
+    job = with_model_defaults(job, config.sample_size, model_defaults(model_path).get("cfg", DEFAULT_CFG))
     folder = Path(output) if output is not None else job.output
     recorded = randoms if randoms is not None else _read_json(folder / RANDOMS)
     randoms = draw_randoms(job.random_slots(), recorded)
@@ -353,7 +353,7 @@ def _render_all(plan, todo, options, reporter, summary, render, started) -> None
                     pending.append(writers.submit(finish, task, image, error))
                 while len(pending) > WRITE_BACKLOG:  # memory stays bounded if the disk is slow
                     pending.pop(0).result()
-            summary.interrupted = interrupt.requested and len(pending) + done < len(todo)
+            summary.interrupted = interrupt.requested
     except KeyboardInterrupt:  # a second Ctrl-C: stop now; what is written is whole
         summary.interrupted = True
     finally:
@@ -361,7 +361,7 @@ def _render_all(plan, todo, options, reporter, summary, render, started) -> None
         for future in pending:
             future.result()
         executor.close()
-    summary.interrupted = summary.interrupted and done < len(todo)
+    summary.interrupted = summary.interrupted and done < len(todo)  # stopped, but all was done anyway
 
 
 def _manifest_name(shard: tuple[int, int] | None) -> str:

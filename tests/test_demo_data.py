@@ -8,7 +8,7 @@ import torch
 
 from sdbatch.demo import data
 from sdbatch.demo import tokenizer as demo_tokenizer
-from sdbatch.demo.judge import judge
+from sdbatch.demo.judge import background, judge
 from sdbatch.tokenizer import load_tokenizer
 
 
@@ -40,10 +40,12 @@ def test_judge_reads_the_datasets_own_renders(side):
     verdicts = Counter()
     for _ in range(300):
         scene = data.random_scene(rng)
-        colour, shape = judge(scene.render(side))
+        image = scene.render(side)
+        colour, shape = judge(image)
         verdicts["colour"] += colour == scene.colour
         verdicts["shape"] += shape == scene.shape
-    assert verdicts["colour"] >= 297, verdicts
+        verdicts["background"] += background(image) == scene.background
+    assert verdicts["colour"] >= 297 and verdicts["background"] == 300, verdicts
     assert verdicts["shape"] >= (294 if side == 64 else 270), verdicts
 
 

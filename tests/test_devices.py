@@ -23,7 +23,7 @@ from sdbatch.runner import Options, Reporter, run_job
 JOB = """
 name: same
 steps: 6
-prompt: [a big red circle on a blue background, a small white square at the top, black background]
+prompt: [a big red circle on a blue background, 'a small white square at the top, black background']
 seed: 1-5
 cfg: [1, 6]
 """

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sdbatch.jobs import JobError, RangeError, load_job, parse_job, parse_range, with_model_size
+from sdbatch.jobs import JobError, RangeError, load_job, parse_job, parse_range, with_model_defaults
 
 
 def job(tmp_path: Path, text: str, name: str = "job.yaml"):
@@ -19,7 +19,7 @@ def job(tmp_path: Path, text: str, name: str = "job.yaml"):
 
 
 def tasks_of(j, size: int = 32):
-    return with_model_size(j, size).expand("model-sha")
+    return with_model_defaults(j, size).expand("model-sha")
 
 
 def errors(tmp_path: Path, text: str) -> list[str]:
@@ -107,7 +107,7 @@ def test_ranges_in_a_job_and_size_forms(tmp_path):
 
 
 def test_random_seeds_are_drawn_once_and_reused_when_recorded(tmp_path):
-    j = with_model_size(job(tmp_path, "prompt: p\nseed: random [3]\n"), 32)
+    j = with_model_defaults(job(tmp_path, "prompt: p\nseed: random [3]\n"), 32)
     slots = j.random_slots()
     assert slots == {"run0.seed": 3}
     first = j.expand("m")
@@ -137,7 +137,7 @@ def test_task_ids_are_stable_and_depend_on_model_and_recipe(tmp_path):
     a = tasks_of(job(tmp_path, "prompt: p\nseed: [1, 2]\n"))
     b = tasks_of(job(tmp_path, "prompt: [other, p]\nseed: [1, 2]\n"))
     assert [t.id for t in a] == [t.id for t in b[2:]]  # same recipe, same id, whatever the index
-    c = with_model_size(job(tmp_path, "prompt: p\nseed: [1, 2]\n"), 32).expand("another-model")
+    c = with_model_defaults(job(tmp_path, "prompt: p\nseed: [1, 2]\n"), 32).expand("another-model")
     assert not {t.id for t in a} & {t.id for t in c}
 
 
@@ -300,6 +300,6 @@ def test_random_yaml_gives_a_plan_or_a_job_error(tmp_path, data):
     except JobError as e:
         assert e.problems and all(p.message for p in e.problems)
         return
-    tasks = with_model_size(j, 32).expand("m")
+    tasks = with_model_defaults(j, 32).expand("m")
     assert len(tasks) >= 1
     assert all(t.steps >= 1 and 0 <= t.seed < 2**64 and t.width % 8 == 0 for t in tasks)

@@ -20,6 +20,13 @@ def nearest_colour(rgb: np.ndarray) -> str:
     return NAMES[int(np.argmin(((PALETTE - rgb) ** 2).sum(axis=1)))]
 
 
+def background(image: Image.Image) -> str:
+    """The named colour nearest the image's border (where the dataset never draws a shape)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return nearest_colour(np.median(border, axis=0))
+
+
 def judge(image: Image.Image) -> tuple[str | None, str | None]:
     """(colour, shape) of the main object, or None where there is no clear foreground."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
