@@ -359,6 +359,7 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int, lines: int
 def build_sheets(folder: Path, run: int, entries: list[dict], wanted: dict[str, str | None], title: str) -> list[Path]:
     """Contact sheets of one run's finished images under `folder/sheets/`; returns their paths."""
     entries = [e for e in entries if e.get("status") == "ok" and (folder / e["file"]).is_file()]
+    entries.sort(key=lambda e: e.get("index", 0))  # the job's order, not the order images finished in
     if len(entries) < 2:
         return []
     spec = sheet_axes(entries, wanted)
@@ -401,7 +402,7 @@ def _write_sheet(folder: Path, base: str, entries: list[dict], spec: SheetSpec, 
         iw, ih = first.size
     scale = max(1, -(-SHEET_MIN_UPSCALE // max(iw, ih)))  # integer upscale for tiny images
     cw, ch = iw * scale, ih * scale
-    label_w, header_h = max(160, cw) if spec.y else 0, 40 + (48 if spec.x else 0)
+    label_w, header_h = max(160, cw) if spec.y else 0, 40 + (56 if spec.x else 0)
     # how many columns / rows fit at full size; below the minimum cell size, split into parts
     shrink = min(1.0, (SHEET_MAX_SIDE - label_w) / (cw * len(xs)), (SHEET_MAX_SIDE - header_h) / (ch * len(ys)))
     if min(cw, ch) * shrink < SHEET_MIN_CELL:
@@ -422,10 +423,10 @@ def _write_sheet(folder: Path, base: str, entries: list[dict], spec: SheetSpec, 
         small = _font(13)
         draw.multiline_text((6, 4), _fit_text(draw, title, small, sheet.width - 12, 2), fill="black", font=small)
         if spec.x:
-            draw.text((label_w + 4, 28), spec.x, fill="gray", font=small)
+            draw.text((label_w + 4, 40), spec.x, fill="gray", font=small)
             for i, xv in enumerate(px):
                 text = _fit_text(draw, _label(spec.x, xv), small, cw - 8, 2)
-                draw.multiline_text((label_w + i * (cw + GAP) + 4, 46), text, fill="black", font=small)
+                draw.multiline_text((label_w + i * (cw + GAP) + 4, 58), text, fill="black", font=small)
         if spec.y:
             draw.text((6, header_h - 18), spec.y, fill="gray", font=small)
         for j, yv in enumerate(py):
