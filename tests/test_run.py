@@ -110,6 +110,20 @@ def test_overlapping_run_exits_75(tmp_path):
     assert not list((tmp_path / "outputs" / "locked").glob("*.png"))
 
 
+def test_a_second_run_while_the_first_renders_exits_75(tmp_path):
+    job = write_job(tmp_path, KILL_JOB.replace("killed", "overlap"))
+    out = tmp_path / "outputs" / "overlap"
+    first = _start(job, tmp_path)
+    try:
+        _wait_for_lines(out / "manifest.jsonl", 1, first)
+        second = sdbatch("run", str(job), cwd=tmp_path)
+        assert second.returncode == 75, second.stderr
+        assert f"pid {first.pid}" in second.stderr  # names the run that holds the folder
+    finally:
+        first.kill()
+        first.wait()
+
+
 def _start(job: Path, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "sdbatch", "run", str(job), "--batch-size", "1"],
