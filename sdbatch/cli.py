@@ -171,6 +171,15 @@ def run(
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")
     ] = None,
+    compile_: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the UNet (slow first batch, faster after).")
+    ] = False,
+    cuda_graphs: Annotated[bool, typer.Option(help="With --compile on a GPU: replay steps as CUDA graphs.")] = False,
+    channels_last: Annotated[bool, typer.Option(help="NHWC activations (faster convolutions on GPUs).")] = False,
+    vae_batch: Annotated[int | None, typer.Option(min=1, help="Decode at most N images at a time.")] = None,
+    low_vram: Annotated[
+        bool, typer.Option(help="Keep text encoder and VAE off the GPU except while they run.")
+    ] = False,
 ) -> None:
     """Render a job. Finished images are skipped, so running it again resumes. Exit codes: 0 done,
     1 some images failed, 2 bad input, 75 output folder in use by another run, 130 interrupted."""
@@ -198,6 +207,7 @@ def run(
             shard=_shard(shard),
             backend=backend,
             ray_address=ray_address,
+            fast=_fast(compile_, cuda_graphs, channels_last, vae_batch, low_vram),
         )
         summary = run_job(job, options, reporter)
     except InputError as e:
@@ -209,6 +219,12 @@ def run(
     finally:
         reporter.close()
     raise typer.Exit(summary.exit_code)
+
+
+def _fast(compile_: bool, cuda_graphs: bool, channels_last: bool, vae_batch: int | None, low_vram: bool):
+    from .pipeline import FastPath
+
+    return FastPath(channels_last, compile_, cuda_graphs, vae_batch, low_vram)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:

@@ -102,19 +102,21 @@ class ModelSpec:
     vae: str | None
     device: str
     threads: int | None = None
+    fast: Any = None  # pipeline.FastPath (imported lazily: this module stays free of torch at import)
 
 
 def build_renderer(spec: ModelSpec) -> Render:
     import torch
     from PIL import Image
 
-    from .pipeline import Pipeline, Request
+    from .pipeline import FastPath, Pipeline, Request
     from .runner import request_for
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     dtype = torch.float16 if spec.device.startswith("cuda") else torch.float32
-    pipeline = Pipeline.from_file(spec.path, vae=spec.vae, device=spec.device, dtype=dtype)
+    fast = spec.fast or FastPath()
+    pipeline = Pipeline.from_file(spec.path, vae=spec.vae, device=spec.device, dtype=dtype, fast=fast)
     images: dict[str, Image.Image] = {}
 
     def image(path: str | None) -> Image.Image | None:

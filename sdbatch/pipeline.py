@@ -6,6 +6,7 @@ the order diffusers uses with a list of CPU generators. So an image does not cha
 it is in, its position, or the device; and it equals diffusers' image for the same seed and weights.
 """
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -148,6 +149,25 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 # the pipeline
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """Speed options; none of them changes what an image shows (beyond float rounding, tested).
+
+    channels_last: NHWC activations for the UNet and VAE (faster convolutions on tensor cores).
+    compile: torch.compile the UNet; compiled once per batch shape and reused (first-call cost in
+        `Pipeline.compile_seconds`).
+    vae_batch: decode at most this many images at a time (less memory for big batches or sizes).
+    low_vram: keep the text encoder and VAE on the CPU and move each to the device only while it
+        runs (the seed's idle_device), so a small GPU holds little more than the UNet.
+    """
+
+    channels_last: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False  # with compile: mode "reduce-overhead" (CUDA graphs replay each step)
+    vae_batch: int | None = None
+    low_vram: bool = False
+
+
 class Pipeline:
     """One model on one device; `render` takes a list of compatible requests (see Request.batch_key)."""
 
@@ -157,14 +177,40 @@ class Pipeline:
         tokenizer: Tokenizer,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        fast: FastPath = FastPath(),
     ):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.fast = fast
+        self.model = model.eval().requires_grad_(False)
+        idle = torch.device("cpu") if fast.low_vram else self.device
+        self.model.unet.to(device=self.device, dtype=dtype)
+        self.model.vae.to(device=idle, dtype=dtype)
+        self.model.text_encoder.to(device=idle, dtype=dtype)
+        if fast.channels_last:
+            self.model.unet.to(memory_format=torch.channels_last)
+            self.model.vae.to(memory_format=torch.channels_last)
+        self.unet: Callable = self.model.unet
+        if fast.compile:
+            mode = "reduce-overhead" if fast.cuda_graphs and self.device.type == "cuda" else None
+            self.unet = torch.compile(self.model.unet, dynamic=False, mode=mode)
+        self.compile_seconds: dict[tuple, float] = {}  # batch shape -> first call (compile) time
         self.tokenizer = tokenizer
         self.schedule = NoiseSchedule()
         self.latent_factor = 2 ** (len(model.config.vae.ch_mult) - 1)
         self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """With low_vram, a module visits the device only while it runs."""
+        if not self.fast.low_vram or self.device.type == "cpu":
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
 
     @classmethod
     def from_file(
@@ -174,11 +220,13 @@ class Pipeline:
         vae: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        fast: FastPath = FastPath(),
     ) -> "Pipeline":
         path = resolve_model(path)  # a file, a folder, or a name such as "demo"
-        loaded = load_model(path, vae=vae, device=device, dtype=dtype)
+        load_to = "cpu" if fast.low_vram else device
+        loaded = load_model(path, vae=vae, device=load_to, dtype=dtype)
         tokenizer = load_tokenizer(path, vocab_size=loaded.config.clip.vocab_size)
-        return cls(loaded.model, tokenizer, device, dtype)
+        return cls(loaded.model, tokenizer, device, dtype, fast)
 
     # -- prompts
 
@@ -196,13 +244,16 @@ class Pipeline:
         if text in self._prompts:
             self._prompts.move_to_end(text)
             return self._prompts[text]
-        windows = self.token_windows(text).to(self.device)
-        with torch.inference_mode():
-            embedding = self.model.text_encoder(windows).reshape(1, -1, self.model.config.clip.width)
+        with torch.inference_mode(), self._on_device(self.model.text_encoder) as encoder:
+            windows = self.token_windows(text).to(next(encoder.parameters()).device)
+            embedding = encoder(windows).reshape(1, -1, self.model.config.clip.width).to(self.device)
         self._prompts[text] = embedding
         if len(self._prompts) > PROMPT_CACHE_SIZE:
             self._prompts.popitem(last=False)
         return embedding
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.fast.channels_last else x
 
     # -- rendering
 
@@ -279,7 +330,8 @@ class Pipeline:
 
     def _encode(self, images: torch.Tensor, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Scaled latents sampled from the VAE posterior, one draw per image from its generator."""
-        mean, logvar = self.model.vae.encode(images.to(self.dtype))
+        with self._on_device(self.model.vae) as vae:
+            mean, logvar = vae.encode(self._layout(images.to(self.dtype)))
         sample = mean.float() + (0.5 * logvar.float()).exp() * draw()
         return sample * self.model.config.vae.scale_factor
 
@@ -309,7 +361,15 @@ class Pipeline:
             )
             for rows in groups.values()
         ]
-        unet = self.model.unet
+
+        def unet(x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            key = (tuple(x_in.shape), tuple(context.shape))
+            if not self.fast.compile or key in self.compile_seconds:
+                return self.unet(x_in, t, context)
+            start = time.perf_counter()
+            out = self.unet(x_in, t, context)
+            self.compile_seconds[key] = time.perf_counter() - start
+            return out
 
         def model(x: torch.Tensor, i: int) -> torch.Tensor:
             sigma = plan.sigmas[i].to(self.device)
@@ -319,7 +379,7 @@ class Pipeline:
             t = plan.timesteps[i].to(self.device)
             eps_rows = x.new_empty((len(contexts), *x.shape[1:]))
             for rows, latents, context in batches:
-                eps_rows[rows] = unet(x_in[latents].to(self.dtype), t.expand(len(rows)), context).float()
+                eps_rows[rows] = unet(self._layout(x_in[latents].to(self.dtype)), t.expand(len(rows)), context).float()
             eps = eps_rows[cond_rows]
             if guided:
                 uncond = eps_rows[uncond_rows]
@@ -330,14 +390,17 @@ class Pipeline:
 
     def _decode(self, requests: Sequence[Request], latents: torch.Tensor) -> list[Result]:
         results: list[Result] = []
-        vae = self.model.vae
         z = latents / self.model.config.vae.scale_factor
-        images = vae.decode(z.to(self.dtype)).float()
-        bad = ~torch.isfinite(images).flatten(1).all(dim=1)
-        if bad.any() and self.dtype != torch.float32:
-            # fp16 activations can overflow in the VAE's last up-blocks: decode those in fp32
-            with upcast(vae):
-                images[bad] = vae.decode(z[bad].float()).float()
+        step = self.fast.vae_batch or len(z)
+        with self._on_device(self.model.vae) as vae:
+            images = torch.cat(
+                [vae.decode(self._layout(z[i : i + step].to(self.dtype))).float() for i in range(0, len(z), step)]
+            )
+            bad = ~torch.isfinite(images).flatten(1).all(dim=1)
+            if bad.any() and self.dtype != torch.float32:
+                # fp16 activations can overflow in the VAE's last up-blocks: decode those in fp32
+                with upcast(vae):
+                    images[bad] = vae.decode(z[bad].float()).float()
         finite_latents = torch.isfinite(latents).flatten(1).all(dim=1)
         for k, r in enumerate(requests):
             final = latents[k].cpu()

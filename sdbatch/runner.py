@@ -55,6 +55,7 @@ class Options:
     shard: tuple[int, int] | None = None  # (i, n): this run renders tasks with index % n == i
     backend: str = "local"  # or "ray"
     ray_address: str | None = None
+    fast: Any = None  # pipeline.FastPath: compile, channels_last, vae_batch, low_vram
 
 
 @dataclass
@@ -292,14 +293,14 @@ def _executor(plan: Plan, options: Options, render: Callable | None, note: Calla
     if options.backend == "ray":
         from .raybackend import RayExecutor
 
-        spec = ModelSpec(path, vae, devices[0])
+        spec = ModelSpec(path, vae, devices[0], fast=options.fast)
         executor = RayExecutor(spec, options.ray_address, cpu_workers=len(devices), note=note)
         return executor, executor.device
     if len(devices) == 1:
-        return LocalExecutor(build_renderer(ModelSpec(path, vae, devices[0]))), devices[0]
+        return LocalExecutor(build_renderer(ModelSpec(path, vae, devices[0], fast=options.fast))), devices[0]
     cpu_workers = devices.count("cpu")
     threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
-    specs = [ModelSpec(path, vae, d, threads if d == "cpu" else None) for d in devices]
+    specs = [ModelSpec(path, vae, d, threads if d == "cpu" else None, options.fast) for d in devices]
     return ProcessExecutor(specs, note), devices[0]
 
 

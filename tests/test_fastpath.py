@@ -1,0 +1,66 @@
+"""Speed options give the default path's images (within float rounding), on tiny random models."""
+
+import numpy as np
+import pytest
+from conftest import make_tiny
+from test_pipeline import gradient_image, half_mask
+
+from sdbatch.pipeline import FastPath, Pipeline, Request
+from sdbatch.tokenizer import Tokenizer, bundled_tokenizer
+
+
+def pipe(fast: FastPath | None = None, config: str = "tiny") -> Pipeline:
+    return Pipeline(make_tiny(config), Tokenizer(bundled_tokenizer(), "bundled"), fast=fast or FastPath())
+
+
+def requests() -> list[Request]:
+    return [
+        Request("a red circle", seed=s, steps=4, cfg=c, width=64, height=48) for s, c in ((1, 7.5), (2, 1.0), (3, 4))
+    ]
+
+
+def img2img() -> list[Request]:
+    init = gradient_image(0).resize((64, 48))
+    mask = half_mask().resize((64, 48))
+    return [
+        Request("a cat", seed=5, steps=6, width=64, height=48, init_image=init, strength=0.6),
+        Request("a dog", seed=6, steps=6, width=64, height=48, init_image=init, strength=0.6),
+    ], [Request("a dog", seed=7, steps=6, width=64, height=48, init_image=init, mask=mask, strength=0.8)]
+
+
+def pixels(p: Pipeline, reqs: list[Request]) -> np.ndarray:
+    return np.stack([np.asarray(r.image, dtype=np.int16) for r in p.render(reqs)])
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, np.ndarray]:
+    p = pipe()
+    i2i, inpaint = img2img()
+    return {"txt2img": pixels(p, requests()), "img2img": pixels(p, i2i), "inpaint": pixels(p, inpaint)}
+
+
+@pytest.mark.parametrize(
+    "fast",
+    [
+        FastPath(channels_last=True),
+        FastPath(vae_batch=1),
+        FastPath(low_vram=True),
+        FastPath(True, False, False, 2, True),
+    ],
+    ids=["channels_last", "vae_batch", "low_vram", "all"],
+)
+def test_fast_path_options_keep_the_images(reference, fast):
+    p = pipe(fast)
+    i2i, inpaint = img2img()
+    for name, got in (("txt2img", pixels(p, requests())), ("img2img", pixels(p, i2i)), ("inpaint", pixels(p, inpaint))):
+        assert np.abs(got - reference[name]).max() <= 1, name
+
+
+def test_compile_works_on_cpu_and_is_reused(reference):
+    p = pipe(FastPath(compile=True))
+    got = pixels(p, requests())
+    assert np.abs(got - reference["txt2img"]).max() <= 2
+    shapes = dict(p.compile_seconds)
+    assert len(shapes) >= 1 and all(s > 0 for s in shapes.values())
+    pixels(p, requests())  # same shapes: compiled graphs reused, nothing compiled again
+    assert p.compile_seconds == shapes
