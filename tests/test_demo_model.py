@@ -6,14 +6,15 @@ for the shape), which test_demo_data checks against the dataset's own renders fi
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPORT
 from PIL import Image
 
 from sdbatch.checkpoint import model_defaults, resolve_model
 from sdbatch.demo import data
-from sdbatch.demo.judge import judge
+from sdbatch.demo.judge import FOREGROUND_DISTANCE, background, judge
 from sdbatch.jobs import DEFAULTS
-from sdbatch.pipeline import Pipeline, Request
+from sdbatch.pipeline import Pipeline, Request, image_tensor, to_pil
 
 SEEDS = range(8)
 # what a job that sets nothing renders with: the job defaults and the model's recommended CFG
@@ -81,25 +82,51 @@ def init_scene() -> tuple[Image.Image, data.Scene]:
     return scene.render(32), scene
 
 
+def foreground(image: Image.Image) -> np.ndarray:
+    """The judge's foreground mask: pixels far from the border's median colour."""
+    px = np.asarray(image.convert("RGB"), dtype=np.float64)
+    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+    return np.sqrt(((px - np.median(border, axis=0)) ** 2).sum(axis=2)) > FOREGROUND_DISTANCE
+
+
+def overlap(a: Image.Image, b: Image.Image) -> float:
+    fa, fb = foreground(a), foreground(b)
+    return float((fa & fb).sum() / max(1, (fa | fb).sum()))
+
+
 def test_img2img_low_strength_stays_close_high_strength_follows_the_prompt(demo):
-    init, _ = init_scene()
-    new = "a big yellow circle on a blue background"
+    init, scene = init_scene()
     base = np.asarray(init, dtype=np.float64)
-    low = render(
-        demo, [Request(new, seed=s, steps=STEPS, init_image=init, strength=0.3, width=32, height=32) for s in SEEDS]
-    )
-    high = render(
-        demo, [Request(new, seed=s, steps=STEPS, init_image=init, strength=0.9, width=32, height=32) for s in SEEDS]
-    )
-    low_diff = max(np.abs(np.asarray(im, dtype=np.float64) - base).mean() for im in low)
-    high_yellow = np.mean([judge(im)[0] == "yellow" for im in high])
-    low_red = np.mean([judge(im)[0] == "red" for im in low])
+    own, new = scene.caption(0), "a big yellow circle on a blue background"
+
+    def run(prompt: str, strength: float) -> list[Image.Image]:
+        return render(
+            demo,
+            [
+                Request(prompt, seed=s, steps=STEPS, cfg=CFG, init_image=init, strength=strength, width=32, height=32)
+                for s in SEEDS
+            ],
+        )
+
+    same_low, new_low, new_high = run(own, 0.3), run(new, 0.3), run(new, 0.9)
+    same_diff = max(np.abs(np.asarray(im, dtype=np.float64) - base).mean() for im in same_low)
+    low_overlap = [overlap(im, init) for im in new_low]
+    high_overlap = [overlap(im, init) for im in new_high]
+    high_yellow = np.mean([judge(im)[0] == "yellow" for im in new_high])
+    low_yellow = np.mean([judge(im)[0] == "yellow" for im in new_low])
     REPORT.append(
-        f"demo img2img: strength 0.3 worst mean |diff| {low_diff:.1f}/255, still red {low_red:.0%}; "
-        f"strength 0.9 yellow {high_yellow:.0%}"
+        f"demo img2img: strength 0.3, own caption: worst mean |diff| {same_diff:.1f}/255; strength 0.3, "
+        f"new colour: object overlap with the init {min(low_overlap):.2f}..{max(low_overlap):.2f}, "
+        f"recoloured {low_yellow:.0%}; strength 0.9: overlap {np.mean(high_overlap):.2f} on average, "
+        f"new colour {high_yellow:.0%}"
     )
-    assert low_diff < 20 and low_red == 1.0
+    # 0.3 keeps the picture: with its own caption within a few levels (the VAE round trip alone
+    # costs ~9/255 on this model), with a new prompt the object keeps its place, size and background
+    assert same_diff < 12 and all(judge(im) == ("red", "circle") for im in same_low)
+    assert min(low_overlap) > 0.9 and all(background(im) == "blue" for im in new_low)
+    # 0.9 follows the new prompt's colour and is free to redraw the object
     assert high_yellow >= 0.75
+    assert np.mean(high_overlap) < np.mean(low_overlap)
 
 
 def test_inpainting_repaints_the_masked_half_only(demo):
@@ -120,19 +147,24 @@ def test_inpainting_repaints_the_masked_half_only(demo):
         for s in SEEDS
     ]
     yellow, blue = np.array(data.COLOURS["yellow"]), np.array(data.COLOURS["blue"])
+    with torch.no_grad():  # what the VAE alone makes of the init: the best any latent method can do
+        x = image_tensor(init, 32, 32)
+        roundtrip = to_pil(demo.model.vae.decode(demo.model.vae.encode(x)[0]))[0]
+    keep = slice(20, None)  # the right half less one latent cell (4 px): the decoder blends across the seam
+    floor = np.abs(np.asarray(roundtrip, dtype=np.float64)[:, keep] - blue).mean()
     kept, painted = [], []
     for im in render(demo, requests):
         px = np.asarray(im, dtype=np.float64)
-        kept.append(np.abs(px[:, 18:] - blue).mean())  # 2 px margin: the VAE blends across the edge
+        kept.append(np.abs(px[:, keep] - blue).mean())
         left = px[:, :16].reshape(-1, 3)
         near_yellow = ((left - yellow) ** 2).sum(1) < ((left - blue) ** 2).sum(1)
         painted.append(near_yellow.mean())
     REPORT.append(
-        f"demo inpainting: kept half worst mean |diff| {max(kept):.1f}/255; "
+        f"demo inpainting: kept half worst mean |diff| {max(kept):.1f}/255 (VAE round trip alone {floor:.1f}); "
         f"repainted half yellow pixels {np.mean(painted):.0%} on average, least {min(painted):.0%}"
     )
-    assert max(kept) < 12
-    assert min(painted) > 0.1 and np.mean(painted) > 0.25
+    assert max(kept) < floor + 5
+    assert min(painted) > 0.25
 
 
 def test_same_request_twice_gives_the_same_pixels(demo):

@@ -139,12 +139,7 @@ class Trainer:
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator(a.seed, "vae", self.step))
         recon = vae.decode(z)
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
-        # Latent channels 0-2 follow the downsampled RGB image, as SD's latents roughly do. Without
-        # this, colour sat in a low-variance latent direction (red vs yellow: 0.2 against a latent
-        # std of 1) and img2img at strength 0.1 already repainted an object in the prompt's colour.
-        rgb = F.avg_pool2d(images, 2 ** (len(self.config.vae.ch_mult) - 1))
         loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + KL_WEIGHT * kl
-        loss = loss + a.colour_latents * F.mse_loss(mean[:, :3], rgb)
         for group in self.vae_opt.param_groups:
             group["lr"] = self.lr_at(a.vae_lr, self.step, a.vae_steps)
         self.vae_opt.zero_grad(set_to_none=True)
@@ -257,8 +252,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--colour-latents", type=float, default=1.0, help="weight tying latents 0-2 to RGB")
-    p.add_argument("--steps", type=int, default=2000, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=int, default=2400, help="UNet + text encoder steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--save-every", type=int, default=200)
