@@ -201,6 +201,25 @@ class ProcessExecutor:
             p.start()
         self.alive = set(range(len(specs)))
         self.devices = [s.device for s in specs]
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 900) -> None:
+        """Every worker has loaded its model (or failed to): rendering time starts after this."""
+        waiting, deadline = set(self.alive), time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            try:
+                kind, w, *rest = self.outbox.get(timeout=0.5)
+            except queue.Empty:
+                for w in list(waiting):
+                    if not self.procs[w].is_alive():
+                        waiting.discard(w)
+                        self.alive.discard(w)
+                        self.note(f"worker {w} on {self.devices[w]} exited while loading the model")
+                continue
+            waiting.discard(w)
+            if kind == "dead":
+                self.alive.discard(w)
+                self.note(f"worker {w} ({self.devices[w]}) failed: {rest[0]}")
 
     def map(self, batches: Iterable[list], stop: Callable[[], bool]) -> Iterator[tuple[list, Results]]:
         pending = iter(enumerate(batches))

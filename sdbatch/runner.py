@@ -247,10 +247,8 @@ def run_job(job: Job, options: Options, reporter: Reporter, render: Callable | N
         summary = Summary(job.name, folder, total=len(plan.tasks), skipped=len(plan.done))
         todo = plan.todo
         reporter.start(job, len(plan.tasks), len(todo), folder)
-        started = time.perf_counter()
         if todo:
-            _render_all(plan, todo, options, reporter, summary, render, started)
-        summary.seconds = time.perf_counter() - started
+            _render_all(plan, todo, options, reporter, summary, render)
         if options.sheets and not summary.interrupted and _all_done(plan):
             summary.sheets = make_sheets(folder, job.name)
     reporter.end(summary)
@@ -304,7 +302,7 @@ def _executor(plan: Plan, options: Options, render: Callable | None, note: Calla
     return ProcessExecutor(specs, note), devices[0]
 
 
-def _render_all(plan, todo, options, reporter, summary, render, started) -> None:
+def _render_all(plan, todo, options, reporter, summary, render) -> None:
     """Batches go to the executor; each finished image is encoded, written and logged on a small
     thread pool, so the device never waits for PNG compression or the disk."""
     from .checkpoint import model_hash as short_hash
@@ -344,6 +342,7 @@ def _render_all(plan, todo, options, reporter, summary, render, started) -> None
             reporter.image(task, name if image is not None else None, error, done, len(todo), rate)
 
     executor, device = _executor(plan, options, render, reporter.note)
+    started = time.perf_counter()  # after the model loaded: the rate is rendering, not start-up
     writers = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="sdbatch-write")
     pending: list = []
     try:
@@ -362,6 +361,7 @@ def _render_all(plan, todo, options, reporter, summary, render, started) -> None
         for future in pending:
             future.result()
         executor.close()
+        summary.seconds = time.perf_counter() - started
     summary.interrupted = summary.interrupted and done < len(todo)  # stopped, but all was done anyway
 
 
