@@ -109,7 +109,7 @@ def build_renderer(spec: ModelSpec) -> Render:
     import torch
     from PIL import Image
 
-    from .pipeline import FastPath, Pipeline, Request
+    from .pipeline import FastPath, Pipeline
     from .runner import request_for
 
     if spec.threads:
@@ -129,7 +129,7 @@ def build_renderer(spec: ModelSpec) -> Render:
         return images[path]
 
     def render(batch: list) -> Results:
-        requests = [request_for(t, image(t.init_image), image(t.mask), Request) for t in batch]
+        requests = [request_for(t, image(t.init_image), image(t.mask)) for t in batch]
         return [(r.image, r.error) for r in pipeline.render(requests)]
 
     return with_backoff(render)

@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from .errors import InputError
+from .jobs import AXES
 
 MANIFEST = "manifest.jsonl"
 SHEETS = "sheets"
@@ -282,19 +283,7 @@ def finished(entries: Iterable[dict], folder: Path) -> dict[str, dict]:
 # contact sheets
 
 
-SHEET_AXES = (
-    "prompt",
-    "negative",
-    "init_image",
-    "mask",
-    "size",
-    "sampler",
-    "karras",
-    "steps",
-    "strength",
-    "cfg",
-    "seed",
-)
+SHEET_AXES = AXES  # the parameters that can vary between the images of a run
 
 
 def _axis_value(entry: dict, axis: str) -> Any:

@@ -66,7 +66,7 @@ def task_from_image(path: Path) -> tuple[Task, str | None, dict]:
 
 def rerun_image(image: Path, output: Path, model: str | None = None, device: str = "auto") -> Path:
     from .checkpoint import model_hash, model_sha256, resolve_model
-    from .pipeline import Pipeline, Request
+    from .pipeline import Pipeline
     from .runner import _model_name, request_for, resolve_device
 
     task, named_model, meta = task_from_image(image)
@@ -85,7 +85,7 @@ def rerun_image(image: Path, output: Path, model: str | None = None, device: str
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipeline = Pipeline.from_file(model_path, device=device, dtype=dtype)
     images = [None if p is None else Image.open(p) for p in (task.init_image, task.mask)]
-    [result] = pipeline.render([request_for(task, images[0], images[1], Request)])
+    [result] = pipeline.render([request_for(task, images[0], images[1])])
     if not result.ok:
         raise InputError(f"{image}: rendering failed again: {result.error}")
     short = model_hash(model_path)

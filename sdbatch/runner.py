@@ -8,7 +8,6 @@ is locked by another run, 130 interrupted (the images in flight were finished an
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -389,8 +388,11 @@ def _batches(plan: Plan, todo: list[Task], options: Options, device: str) -> Ite
         yield from iter_batches(tasks, int(size))
 
 
-def request_for(task: Task, init_image: Any, mask: Any, request_type: type) -> Any:
-    return request_type(
+def request_for(task: Task, init_image: Any = None, mask: Any = None) -> Any:
+    """The pipeline Request for a task (init image and mask already opened)."""
+    from .pipeline import Request
+
+    return Request(
         prompt=task.prompt,
         negative=task.negative,
         seed=task.seed,
@@ -425,7 +427,3 @@ def make_sheets(folder: Path, title: str | None = None) -> list[Path]:
         name = title or record.get("name") or folder.name
         written.extend(build_sheets(folder, run, list(items.values()), wanted.get(run, {}), f"{name} · run {run}"))
     return written
-
-
-def isatty() -> bool:
-    return sys.stdout.isatty()
