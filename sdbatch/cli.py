@@ -177,6 +177,9 @@ def run(
     cuda_graphs: Annotated[bool, typer.Option(help="With --compile on a GPU: replay steps as CUDA graphs.")] = False,
     channels_last: Annotated[bool, typer.Option(help="NHWC activations (faster convolutions on GPUs).")] = False,
     vae_batch: Annotated[int | None, typer.Option(min=1, help="Decode at most N images at a time.")] = None,
+    vae_tile: Annotated[
+        int | None, typer.Option(min=4, help="Decode latents larger than N cells in tiles (64 = 512 px).")
+    ] = None,
     low_vram: Annotated[
         bool, typer.Option(help="Keep text encoder and VAE off the GPU except while they run.")
     ] = False,
@@ -207,7 +210,7 @@ def run(
             shard=_shard(shard),
             backend=backend,
             ray_address=ray_address,
-            fast=_fast(compile_, cuda_graphs, channels_last, vae_batch, low_vram),
+            fast=_fast(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile),
         )
         summary = run_job(job, options, reporter)
     except InputError as e:
@@ -221,10 +224,10 @@ def run(
     raise typer.Exit(summary.exit_code)
 
 
-def _fast(compile_: bool, cuda_graphs: bool, channels_last: bool, vae_batch: int | None, low_vram: bool):
+def _fast(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile):
     from .pipeline import FastPath
 
-    return FastPath(channels_last, compile_, cuda_graphs, vae_batch, low_vram)
+    return FastPath(channels_last, compile_, cuda_graphs, vae_batch, low_vram, vae_tile)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:

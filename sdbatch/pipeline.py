@@ -157,6 +157,10 @@ class FastPath:
     compile: torch.compile the UNet; compiled once per batch shape and reused (first-call cost in
         `Pipeline.compile_seconds`).
     vae_batch: decode at most this many images at a time (less memory for big batches or sizes).
+    vae_tile: decode large latents in overlapping tiles of this many latent cells (64 = 512 px for
+        SD), blended linearly across a quarter-tile overlap, as diffusers' tiled VAE does. Memory
+        stays that of one tile whatever the size; unlike the other options this one can change
+        pixels a little (the VAE's mid-block attention sees one tile, not the image).
     low_vram: keep the text encoder and VAE on the CPU and move each to the device only while it
         runs (the seed's idle_device), so a small GPU holds little more than the UNet.
     """
@@ -166,6 +170,7 @@ class FastPath:
     cuda_graphs: bool = False  # with compile: mode "reduce-overhead" (CUDA graphs replay each step)
     vae_batch: int | None = None
     low_vram: bool = False
+    vae_tile: int | None = None  # decode latents larger than this many cells per side in tiles
 
 
 class Pipeline:
@@ -251,6 +256,15 @@ class Pipeline:
         if len(self._prompts) > PROMPT_CACHE_SIZE:
             self._prompts.popitem(last=False)
         return embedding
+
+    def _decode_latents(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        def decode(part: torch.Tensor) -> torch.Tensor:
+            return vae.decode(self._layout(part.to(self.dtype))).float()
+
+        tile = self.fast.vae_tile
+        if tile is None or max(z.shape[-2:]) <= tile:
+            return decode(z)
+        return tiled_decode(decode, z, tile, max(1, tile // 4), self.latent_factor)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.fast.channels_last else x
@@ -393,9 +407,7 @@ class Pipeline:
         z = latents / self.model.config.vae.scale_factor
         step = self.fast.vae_batch or len(z)
         with self._on_device(self.model.vae) as vae:
-            images = torch.cat(
-                [vae.decode(self._layout(z[i : i + step].to(self.dtype))).float() for i in range(0, len(z), step)]
-            )
+            images = torch.cat([self._decode_latents(vae, z[i : i + step]) for i in range(0, len(z), step)])
             bad = ~torch.isfinite(images).flatten(1).all(dim=1)
             if bad.any() and self.dtype != torch.float32:
                 # fp16 activations can overflow in the VAE's last up-blocks: decode those in fp32
@@ -411,6 +423,36 @@ class Pipeline:
             else:
                 results.append(Result(r, to_pil(images[k : k + 1])[0], None, final))
         return results
+
+
+def tiled_decode(decode: Callable, z: torch.Tensor, tile: int, overlap: int, factor: int) -> torch.Tensor:
+    """Decode (B, C, h, w) latents tile by tile: tiles of `tile` cells start every tile - overlap
+    cells, and each is blended into its upper and left neighbours over the overlap (in pixels), then
+    cut to its stride. diffusers' AutoencoderKL.tiled_decode scheme, without its sliver tiles."""
+    stride, blend = tile - overlap, overlap * factor
+    # a tile starts only where the one before it stops short of the edge: no sliver tiles
+    starts_y = range(0, max(1, z.shape[-2] - overlap), stride)
+    starts_x = range(0, max(1, z.shape[-1] - overlap), stride)
+    rows = [[decode(z[:, :, i : i + tile, j : j + tile]) for j in starts_x] for i in starts_y]
+    out_rows = []
+    for i, row in enumerate(rows):
+        parts = []
+        for j, part in enumerate(row):
+            if i > 0:
+                above = rows[i - 1][j]
+                n = min(blend, above.shape[2], part.shape[2])
+                w = torch.linspace(0, 1, n + 1, device=part.device)[:n].view(1, 1, n, 1)
+                part[:, :, :n] = above[:, :, -n:] * (1 - w) + part[:, :, :n] * w
+            if j > 0:
+                left = row[j - 1]
+                n = min(blend, left.shape[3], part.shape[3])
+                w = torch.linspace(0, 1, n + 1, device=part.device)[:n].view(1, 1, 1, n)
+                part[:, :, :, :n] = left[:, :, :, -n:] * (1 - w) + part[:, :, :, :n] * w
+            height = stride * factor if i < len(rows) - 1 else part.shape[2]  # the last tile keeps it all
+            width = stride * factor if j < len(row) - 1 else part.shape[3]
+            parts.append(part[:, :, :height, :width])
+        out_rows.append(torch.cat(parts, dim=3))
+    return torch.cat(out_rows, dim=2)
 
 
 @contextmanager
