@@ -143,7 +143,7 @@ def plan_job(
     entries = read_manifests(folder) if folder.is_dir() else []
     ids = {t.id for t in tasks}
     done = {k: v for k, v in finished(entries, folder).items() if k in ids}
-    names = _names(job, tasks, done, folder)
+    names = _names(job, tasks, done, folder, entries)
     all_ids = [t.id for t in tasks]
     if shard is not None:
         tasks = [t for t in tasks if t.index % shard[1] == shard[0]]
@@ -151,14 +151,14 @@ def plan_job(
     return Plan(job, model_path, folder, tasks, done, names, randoms, all_ids)
 
 
-def _names(job: Job, tasks: list[Task], done: dict[str, dict], folder: Path) -> dict[str, str]:
+def _names(job: Job, tasks: list[Task], done: dict[str, dict], folder: Path, entries: list[dict]) -> dict[str, str]:
     """File names from the template; a name two tasks share, or one a file of another task already
     has on disk, gets the task id appended so that no image ever overwrites another."""
     names = {t.id: file_name(job.filename, t) for t in tasks}
     counts: dict[str, int] = {}
     for name in names.values():
         counts[name] = counts.get(name, 0) + 1
-    taken = {e["file"] for e in read_manifests(folder) if isinstance(e.get("file"), str)} if folder.is_dir() else set()
+    taken = {e["file"] for e in entries if isinstance(e.get("file"), str)}
     for t in tasks:
         if t.id in done:
             names[t.id] = done[t.id]["file"]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdbatch.checkpoint import model_defaults, resolve_model
 from sdbatch.demo import data
-from sdbatch.demo.judge import FOREGROUND_DISTANCE, background, judge
+from sdbatch.demo.judge import background, foreground, judge
 from sdbatch.jobs import DEFAULTS
 from sdbatch.pipeline import Pipeline, Request, image_tensor, to_pil
 
@@ -80,13 +80,6 @@ def test_guidance_matters(rates):
 def init_scene() -> tuple[Image.Image, data.Scene]:
     scene = data.Scene("circle", "red", "blue", "big", "in the middle")
     return scene.render(32), scene
-
-
-def foreground(image: Image.Image) -> np.ndarray:
-    """The judge's foreground mask: pixels far from the border's median colour."""
-    px = np.asarray(image.convert("RGB"), dtype=np.float64)
-    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
-    return np.sqrt(((px - np.median(border, axis=0)) ** 2).sum(axis=2)) > FOREGROUND_DISTANCE
 
 
 def overlap(a: Image.Image, b: Image.Image) -> float:

@@ -20,24 +20,33 @@ def nearest_colour(rgb: np.ndarray) -> str:
     return NAMES[int(np.argmin(((PALETTE - rgb) ** 2).sum(axis=1)))]
 
 
-def background(image: Image.Image) -> str:
-    """The named colour nearest the image's border (where the dataset never draws a shape)."""
+def _pixels_and_border(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """RGB pixels as floats, and the median colour of the border (where no shape is ever drawn)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    return nearest_colour(np.median(border, axis=0))
+    return pixels, np.median(border, axis=0)
+
+
+def background(image: Image.Image) -> str:
+    """The named colour nearest the image's border."""
+    return nearest_colour(_pixels_and_border(image)[1])
+
+
+def foreground(image: Image.Image) -> np.ndarray:
+    """(H, W) mask of the pixels far from the border's colour."""
+    pixels, border = _pixels_and_border(image)
+    return np.sqrt(((pixels - border) ** 2).sum(axis=2)) > FOREGROUND_DISTANCE
 
 
 def judge(image: Image.Image) -> tuple[str | None, str | None]:
     """(colour, shape) of the main object, or None where there is no clear foreground."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    foreground = np.sqrt(((pixels - background) ** 2).sum(axis=2)) > FOREGROUND_DISTANCE
-    if foreground.sum() < 0.01 * foreground.size:
+    foreground_ = foreground(image)
+    if foreground_.sum() < 0.01 * foreground_.size:
         return None, None
-    colour = nearest_colour(np.median(pixels[foreground], axis=0))
-    rows, cols = np.nonzero(foreground)
+    colour = nearest_colour(np.median(pixels[foreground_], axis=0))
+    rows, cols = np.nonzero(foreground_)
     box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = foreground.sum() / box
+    fill = foreground_.sum() / box
     shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
     return colour, shape
