@@ -2,14 +2,15 @@
 
 Every rule follows from the block structure in the config, so one function per network names any
 key of any SD1-shaped model; no table of a thousand renames. Used both ways: to read a diffusers
-folder (`sdbatch.checkpoint`) and to hand our weights to diffusers in the parity tests.
+folder (`sdbatch.checkpoints`) and to hand our weights to diffusers in the parity tests.
 """
 
-import torch
+from typing import TYPE_CHECKING, Any
 
-from .models import SDConfig
-from .models.unet import UNetConfig
-from .models.vae import VAEConfig
+from .models.configs import SDConfig, UNetConfig, VAEConfig
+
+if TYPE_CHECKING:
+    import torch
 
 # where each diffusers component lives inside the single-file checkpoint
 PREFIXES = {
@@ -113,9 +114,9 @@ def diffusers_key(key: str, cfg: SDConfig) -> tuple[str, str]:
     raise KeyError(f"{key} is not part of an SD v1 checkpoint")
 
 
-def to_diffusers(state_dict: dict[str, torch.Tensor], cfg: SDConfig) -> dict[str, dict[str, torch.Tensor]]:
+def to_diffusers(state_dict: "dict[str, torch.Tensor]", cfg: SDConfig) -> "dict[str, dict[str, torch.Tensor]]":
     """Split a checkpoint state dict into diffusers components {unet, vae, text_encoder}."""
-    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
+    out: dict[str, dict[str, Any]] = {name: {} for name in PREFIXES}
     for key, tensor in state_dict.items():
         component, name = diffusers_key(key, cfg)
         if component == "vae" and is_vae_attn_matrix(key[len(PREFIXES["vae"]) :]):

@@ -1,7 +1,21 @@
-"""The error every bad-input case raises, so the CLI can answer all of them with exit code 2.
+"""The errors every front end maps to exit codes, and the codes themselves (defined once, here).
 
-Kept free of heavy imports: the CLI catches it without importing torch or transformers first."""
+Kept free of heavy imports: the CLI catches these without importing torch or transformers first."""
+
+EXIT_OK = 0  # every image of the job (or shard) is done
+EXIT_FAILED = 1  # some images failed (their reasons are printed and in the manifest); the rest are written
+EXIT_BAD_INPUT = 2  # bad input: job file, weights, images, arguments; nothing was rendered
+EXIT_LOCKED = 75  # the output folder is being written by another run (EX_TEMPFAIL: try again later)
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM; the images in flight were finished and written first
 
 
 class InputError(Exception):
     """Bad input from the user (a file, a folder, an option); the message says what and where."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class OutputLocked(Exception):
+    """Another run holds the output folder, so that cron can tell "busy" from "broken"."""
+
+    exit_code = EXIT_LOCKED

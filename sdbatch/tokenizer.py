@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from .checkpoint import is_diffusers_folder, weights_dir
+from .checkpoints import is_diffusers_folder, weights_dir
 from .errors import InputError
 
 BUNDLED_VOCAB = "bpe_simple_vocab_16e6.txt.gz"

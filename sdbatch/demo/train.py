@@ -15,10 +15,8 @@ Writes `<out>/model.safetensors` (fp16, our config and recommended CFG in its he
 
 import argparse
 import json
-import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..checkpoint import DEFAULTS_METADATA_KEY, save_checkpoint
+from ..checkpoints import DEFAULTS_METADATA_KEY, save_checkpoint
+from ..files import write_atomic
 from ..models import CONFIGS, SDConfig, StableDiffusion, build_model
 from ..samplers import NoiseSchedule
 from ..tokenizer import Tokenizer
@@ -94,10 +93,7 @@ class Trainer:
             "args": {k: v for k, v in vars(self.args).items() if k not in ("resume", "out", "work")},
         }
         self.work.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.work, suffix=".tmp")
-        os.close(fd)
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_file)
+        write_atomic(self.state_file, lambda tmp: torch.save(state, tmp))
 
     def load_state(self) -> None:
         state = torch.load(self.state_file, weights_only=True)

@@ -1,22 +1,13 @@
 """CLIP ViT-L/14 text tower, the text encoder of SD v1 (`cond_stage_model.transformer.text_model.*`)."""
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import namespace
+from .configs import CLIPConfig
 
 
-@dataclass(frozen=True)
-class CLIPConfig:
-    vocab_size: int = 49408
-    width: int = 768
-    max_positions: int = 77
-    layers: int = 12
-    heads: int = 12
-    mlp: int = 3072
 
 
 class CLIPAttention(nn.Module):

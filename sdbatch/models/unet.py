@@ -1,30 +1,15 @@
 """The SD v1 denoising UNet (`model.diffusion_model.*`): predicts the noise in a latent at step t."""
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .attention import BasicTransformerBlock
 from .common import Upsample
+from .configs import UNetConfig
 
 
-@dataclass(frozen=True)
-class UNetConfig:
-    in_channels: int = 4  # 9 for inpainting checkpoints: latents + mask + masked-image latents
-    out_channels: int = 4
-    model_channels: int = 320
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    attention_levels: tuple[bool, ...] = (True, True, True, False)
-    num_heads: int = 8
-    context_dim: int = 768
-    norm_groups: int = 32
-
-    @property
-    def time_embed_dim(self) -> int:
-        return self.model_channels * 4
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

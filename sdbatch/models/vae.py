@@ -1,23 +1,13 @@
 """AutoencoderKL (f=8) of SD v1: image <-> 4-channel latents (`first_stage_model.*`)."""
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import Upsample, namespace
+from .configs import VAEConfig
 
 
-@dataclass(frozen=True)
-class VAEConfig:
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 4
-    image_channels: int = 3
-    norm_groups: int = 32
-    scale_factor: float = 0.18215  # latents are multiplied by this before the UNet sees them
 
 
 def norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:

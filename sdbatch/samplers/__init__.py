@@ -1,26 +1,37 @@
-"""The samplers, by the names job files use. Each module has `plan(schedule, steps[, karras])` and
-`sample(model, x, sigmas, noise)`; see schedule.py for the conventions."""
+"""The samplers, by the names job files use. Each sampler module has `plan(schedule, steps[, karras])`
+and `sample(model, x, sigmas, noise, after_step)`; see schedule.py for the conventions.
 
+This table is torch-free (the modules load on first use), so jobs can check sampler names and
+write A1111 names without importing torch.
+"""
+
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-from . import ddim, ddpm, dpmpp_2m, euler, euler_a
-from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, Plan, img2img_start
+if TYPE_CHECKING:
+    from .schedule import NoiseSchedule, StepPlan
 
 
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    module: ModuleType
+    a1111: str  # its name in A1111's infotext (`Sampler: Euler a`)
     ancestral: bool  # draws fresh noise at each step
     karras: bool  # accepts Karras sigmas
+    aliases: tuple[str, ...] = ()  # other spellings people write (lower case)
+
+    @property
+    def module(self) -> ModuleType:
+        return importlib.import_module(f".{self.name}", __name__)
 
     def check(self, karras: bool) -> None:
         if karras and not self.karras:
             raise ValueError(f"sampler {self.name} walks fixed timesteps; karras applies to {', '.join(KARRAS)}")
 
-    def plan(self, schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
+    def plan(self, schedule: "NoiseSchedule", steps: int, karras: bool = False) -> "StepPlan":
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         self.check(karras)
@@ -32,13 +43,26 @@ class Sampler:
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "ddpm": Sampler("ddpm", ddpm, ancestral=True, karras=False),
-    "ddim": Sampler("ddim", ddim, ancestral=False, karras=False),
-    "euler": Sampler("euler", euler, ancestral=False, karras=True),
-    "euler_a": Sampler("euler_a", euler_a, ancestral=True, karras=True),
-    "dpmpp_2m": Sampler("dpmpp_2m", dpmpp_2m, ancestral=False, karras=True),
+    s.name: s
+    for s in (
+        Sampler("ddpm", "DDPM", ancestral=True, karras=False),
+        Sampler("ddim", "DDIM", ancestral=False, karras=False),
+        Sampler("euler", "Euler", ancestral=False, karras=True, aliases=("k_euler",)),
+        Sampler(
+            "euler_a",
+            "Euler a",
+            ancestral=True,
+            karras=True,
+            aliases=("euler_ancestral", "euler ancestral", "k_euler_a"),
+        ),
+        Sampler("dpmpp_2m", "DPM++ 2M", ancestral=False, karras=True, aliases=("dpm++_2m", "dpmpp2m", "k_dpmpp_2m")),
+    )
 }
 KARRAS = [name for name, s in SAMPLERS.items() if s.karras]
+# every spelling (lower case) -> our name: our names, A1111's names, and the aliases
+SAMPLER_NAMES = {
+    spelling: s.name for s in SAMPLERS.values() for spelling in (s.name, s.a1111.lower(), *s.aliases)
+}
 
 
 def get_sampler(name: str) -> Sampler:
@@ -48,15 +72,25 @@ def get_sampler(name: str) -> Sampler:
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}") from None
 
 
+def __getattr__(name: str):
+    """The schedule's names, imported (with torch) only when a sampler is actually used."""
+    if name in ("AfterStep", "Denoiser", "NoiseSchedule", "NoiseSource", "StepPlan", "img2img_start"):
+        from . import schedule
+
+        return getattr(schedule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "KARRAS",
     "SAMPLERS",
+    "SAMPLER_NAMES",
     "AfterStep",
     "Denoiser",
     "NoiseSchedule",
     "NoiseSource",
-    "Plan",
     "Sampler",
+    "StepPlan",
     "get_sampler",
     "img2img_start",
 ]

@@ -4,15 +4,15 @@ import numpy as np
 import torch
 
 from . import euler
-from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, Plan
+from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, StepPlan
 
 
-def plan(schedule: NoiseSchedule, steps: int) -> Plan:
+def plan(schedule: NoiseSchedule, steps: int) -> StepPlan:
     # 981, 961, ..., 1 for 50 steps: the original CompVis DDIM sampler's +1 offset, which diffusers'
     # SD pipelines also force (steps_offset=1)
     t = schedule.leading(steps, offset=1)
     # the last step lands on the schedule's smallest sigma, not 0 (SD's set_alpha_to_one=False)
-    return Plan.of(t, schedule.sigmas[t.astype(np.int64)], float(schedule.sigmas[0]), vp_init=True)
+    return StepPlan.of(t, schedule.sigmas[t.astype(np.int64)], float(schedule.sigmas[0]), vp_init=True)
 
 
 def sample(

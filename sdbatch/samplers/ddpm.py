@@ -3,12 +3,12 @@
 import numpy as np
 import torch
 
-from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, Plan
+from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, StepPlan
 
 
-def plan(schedule: NoiseSchedule, steps: int) -> Plan:
+def plan(schedule: NoiseSchedule, steps: int) -> StepPlan:
     t = schedule.leading(steps)  # 980, 960, ..., 0 for 50 steps, as the seed (diffusers' SD pipelines add 1)
-    return Plan.of(t, schedule.sigmas[t.astype(np.int64)], 0.0, vp_init=True)
+    return StepPlan.of(t, schedule.sigmas[t.astype(np.int64)], 0.0, vp_init=True)
 
 
 def sample(

@@ -3,16 +3,16 @@
 import numpy as np
 import torch
 
-from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, Plan
+from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, StepPlan
 
 
-def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
+def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> StepPlan:
     if karras:
         sigmas = schedule.karras(steps)
-        return Plan.of(schedule.t_at(sigmas).round(), sigmas, 0.0, vp_init=True)
+        return StepPlan.of(schedule.t_at(sigmas).round(), sigmas, 0.0, vp_init=True)
     # integer timesteps over steps + 1 points, the last dropped (diffusers' DPMSolverMultistep rule)
     t = np.linspace(0, schedule.train_steps - 1, steps + 1).round()[::-1][:-1].copy()
-    return Plan.of(t, schedule.sigma_at(t), 0.0, vp_init=True)
+    return StepPlan.of(t, schedule.sigma_at(t), 0.0, vp_init=True)
 
 
 def sample(

@@ -3,15 +3,15 @@
 import numpy as np
 import torch
 
-from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, Plan
+from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, StepPlan
 
 
-def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
+def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> StepPlan:
     if karras:
         sigmas = schedule.karras(steps)
-        return Plan.of(schedule.t_at(sigmas), sigmas, 0.0, vp_init=False)
+        return StepPlan.of(schedule.t_at(sigmas), sigmas, 0.0, vp_init=False)
     t = np.linspace(0, schedule.train_steps - 1, steps, dtype=np.float32)[::-1].copy()
-    return Plan.of(t, schedule.sigma_at(t), 0.0, vp_init=False)
+    return StepPlan.of(t, schedule.sigma_at(t), 0.0, vp_init=False)
 
 
 def sample(

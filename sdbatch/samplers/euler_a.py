@@ -3,10 +3,10 @@
 import torch
 
 from . import euler
-from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, Plan
+from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, StepPlan
 
 
-def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> Plan:
+def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> StepPlan:
     return euler.plan(schedule, steps, karras)
 
 

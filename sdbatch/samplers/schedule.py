@@ -52,7 +52,7 @@ class NoiseSchedule:
 
 
 @dataclass(frozen=True)
-class Plan:
+class StepPlan:
     """What a sampler walks: the timestep the UNet is told at each step, and the noise level before
     each step plus the one after the last (0, or the schedule's minimum for DDIM)."""
 
@@ -61,7 +61,7 @@ class Plan:
     vp_init: bool  # pure noise starts at std sqrt(1 + sigma_0^2) (DDPM/DDIM/DPM) instead of sigma_0 (Euler)
 
     @classmethod
-    def of(cls, timesteps: np.ndarray, sigmas: np.ndarray, final_sigma: float, vp_init: bool) -> "Plan":
+    def of(cls, timesteps: np.ndarray, sigmas: np.ndarray, final_sigma: float, vp_init: bool) -> "StepPlan":
         return cls(
             torch.from_numpy(np.asarray(timesteps, dtype=np.float32)),
             torch.from_numpy(np.concatenate([sigmas, [final_sigma]]).astype(np.float32)),
@@ -71,9 +71,9 @@ class Plan:
     def __len__(self) -> int:
         return len(self.timesteps)
 
-    def from_step(self, start: int) -> "Plan":
+    def from_step(self, start: int) -> "StepPlan":
         """The tail of the plan that img2img runs after noising the image to step `start`."""
-        return Plan(self.timesteps[start:], self.sigmas[start:], self.vp_init)
+        return StepPlan(self.timesteps[start:], self.sigmas[start:], self.vp_init)
 
     def initial_noise_scale(self) -> torch.Tensor:
         sigma = self.sigmas[0]

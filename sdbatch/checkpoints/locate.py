@@ -1,0 +1,36 @@
+"""Finding a model by path or by name (`demo`, `v1-5-pruned-emaonly`) in the weights folders."""
+
+import os
+from pathlib import Path
+
+from .read import CheckpointError
+from .source import is_diffusers_folder
+
+
+def weights_dir() -> Path:
+    """Where users drop weights: $SDBATCH_WEIGHTS, default ./weights."""
+    return Path(os.environ.get("SDBATCH_WEIGHTS", "weights"))
+
+
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent.parent / "weights"  # the checkout's weights/ (demo/)
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A path as given, or a name looked up in the weights folder, then in the checkout's weights/
+    (which holds the shipped `demo`). A folder holding `model.safetensors` stands for that file."""
+    path = Path(model)
+    if path.exists():
+        return _model_file(path)
+    looked = []
+    for base in dict.fromkeys((weights_dir(), SHIPPED_WEIGHTS)):
+        for candidate in (base / path, base / f"{model}.safetensors", base / f"{model}.ckpt"):
+            looked.append(str(candidate))
+            if candidate.exists():
+                return _model_file(candidate)
+    raise CheckpointError(f"model {str(model)!r} not found; looked for {', '.join(looked[:4])}")
+
+
+def _model_file(path: Path) -> Path:
+    if path.is_dir() and not is_diffusers_folder(path) and (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    return path

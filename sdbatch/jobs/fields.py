@@ -1,0 +1,204 @@
+"""How a job file writes each recipe field: one parser per field, in a table.
+
+A parser takes one YAML item and returns the values it stands for (a range stands for many); the
+recipe's own rule for the field (`sdbatch.recipe.RULES`) is then applied to each value, so the
+rules live in one place and every message still points at the item's line.
+"""
+
+import difflib
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..recipe import DEFAULTS, FIELDS, RULES
+from ..samplers import SAMPLER_NAMES, SAMPLERS
+from .ranges import MAX_AXIS_VALUES, RangeError, parse_range
+
+MODEL = object()  # a default the model decides (its size, its recommended CFG): filled in at expansion
+# what a run gets for a field it does not set; a field missing here is required (prompt)
+YAML_DEFAULTS: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k != "prompt"} | {
+    "size": MODEL,
+    "cfg": MODEL,
+    "strength": 0.75,  # used by runs with an init_image; txt2img recipes carry none
+}
+RUN_OPTIONS = {"batch_size": "auto"}  # run keys that are not recipe fields (they change speed, not images)
+PARAMS = (*FIELDS, *RUN_OPTIONS)
+
+
+@dataclass(frozen=True)
+class RandomSeeds:
+    """`seed: random` or `random [n]`: drawn once per run and recorded in the output folder."""
+
+    count: int
+
+
+@dataclass
+class Context:
+    """What parsers need beyond the item: the job's folder, and what they learnt of image files."""
+
+    base: Path
+    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def show(value: Any) -> str:
+    """A YAML value as a user would recognise it in a message."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a yes/no value)"
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the parsers
+
+
+def _text(item: Any, ctx: Context) -> list:
+    if isinstance(item, dict):
+        return _prompt_file(item, ctx)
+    if not isinstance(item, str):
+        raise ValueError(f"must be text, got {show(item)}; put it in quotes")
+    return [item]
+
+
+def _prompt_file(item: dict, ctx: Context) -> list[str]:
+    if set(item) != {"file"} or not isinstance(item["file"], str):
+        raise ValueError("write a prompt file as {file: prompts.txt}")
+    path = ctx.base / item["file"]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ValueError(f"prompt file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"prompt file {path} is not UTF-8 text") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts (blank lines and # comments are skipped)")
+    return prompts
+
+
+def _image(item: Any, ctx: Context) -> list:
+    if item is None:
+        return [None]
+    if not isinstance(item, str) or not item.strip():
+        raise ValueError(f"must be a path to an image, got {show(item)}")
+    path = (ctx.base / item).resolve()
+    if not path.is_file():
+        raise ValueError(f"image {path} does not exist")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            ctx.image_sizes[str(path)] = im.size
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path} is not an image Pillow can read ({e})") from None
+    return [str(path)]
+
+
+def _size(item: Any, ctx: Context) -> list:
+    if is_int(item):
+        return [(item, item)]
+    if isinstance(item, list) and len(item) == 2 and all(is_int(v) for v in item):
+        return [(item[0], item[1])]
+    if isinstance(item, str) and (m := re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", item)):
+        return [(int(m[1]), int(m[2]))]
+    raise ValueError(f"must be 512, [width, height] or '768x512', got {show(item)}")
+
+
+def _sampler(item: Any, ctx: Context) -> list:
+    if not isinstance(item, str):
+        raise ValueError(f"must be a sampler name, got {show(item)}")
+    text = item.strip().lower()
+    name = SAMPLER_NAMES.get(text) or SAMPLER_NAMES.get(text.replace(" ", "_"))
+    if name is not None:
+        return [name]
+    base = text.removesuffix(" karras").removesuffix("_karras")
+    base = SAMPLER_NAMES.get(base) or SAMPLER_NAMES.get(base.replace(" ", "_"))
+    if base is not None:
+        raise ValueError(f"write sampler: {base} with karras: true")
+    guess = difflib.get_close_matches(text.replace(" ", "_"), list(SAMPLERS), n=1, cutoff=0.5)
+    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    raise ValueError(f"unknown sampler {item!r}{hint} (known: {', '.join(SAMPLERS)})")
+
+
+def _flag(item: Any, ctx: Context) -> list:
+    if not isinstance(item, bool):
+        raise ValueError(f"must be true or false, got {show(item)}")
+    return [item]
+
+
+def _numbers(integer: bool) -> Callable[[Any, Context], list]:
+    def parse(item: Any, ctx: Context) -> list:
+        if isinstance(item, bool) or not isinstance(item, (int, float, str)):
+            raise ValueError(f"must be a number or a range like 1-8, got {show(item)}")
+        if isinstance(item, str):
+            try:
+                return parse_range(item, integer)
+            except RangeError as e:
+                raise ValueError(str(e)) from None
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"must be a finite number, got {item}")
+        if integer and isinstance(item, float):
+            if item != int(item):
+                raise ValueError(f"must be a whole number, got {item}")
+            return [int(item)]
+        return [item if integer else float(item)]
+
+    return parse
+
+
+def _seed(item: Any, ctx: Context) -> list:
+    if isinstance(item, str) and (m := re.fullmatch(r"\s*random\s*(?:\[\s*(\d+)\s*\])?\s*", item)):
+        count = int(m[1] or 1)
+        if not 1 <= count <= MAX_AXIS_VALUES:
+            raise ValueError(f"random [n] needs 1 <= n <= {MAX_AXIS_VALUES:,}")
+        return [RandomSeeds(count)]
+    if item == -1:
+        return [RandomSeeds(1)]  # A1111's "random"
+    return _numbers(True)(item, ctx)
+
+
+def _batch_size(item: Any, ctx: Context) -> list:
+    if item == "auto":
+        return [item]
+    if not is_int(item) or not 1 <= item <= 4096:
+        raise ValueError(f"must be auto or a whole number from 1 to 4096, got {show(item)}")
+    return [item]
+
+
+PARSERS: dict[str, Callable[[Any, Context], list]] = {
+    "prompt": _text,
+    "negative": _text,
+    "init_image": _image,
+    "mask": _image,
+    "size": _size,
+    "sampler": _sampler,
+    "karras": _flag,
+    "steps": _numbers(True),
+    "strength": _numbers(False),
+    "cfg": _numbers(False),
+    "seed": _seed,
+    "batch_size": _batch_size,
+}
+
+
+def parse_item(key: str, item: Any, ctx: Context) -> list:
+    """The values one YAML item stands for, each checked by the recipe's rule for the field."""
+    values = PARSERS[key](item, ctx)
+    rule = RULES.get(key)
+    for value in values:
+        if rule is not None and not isinstance(value, RandomSeeds) and (message := rule(value)):
+            raise ValueError(message)
+    return values

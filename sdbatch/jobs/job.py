@@ -1,0 +1,394 @@
+"""Job files: YAML in, validated runs out, and their expansion into recipes.
+
+A job names a model and one run (parameters at top level) or several (`runs:`), each filled in from
+`defaults:`. Every parameter may be a scalar or a list; lists of a run form a cartesian product.
+Numeric parameters also take A1111 X/Y/Z-plot ranges (`1-8`, `3-12 (+1.5)`, `0.2-0.8 [4]`,
+`1, 5, 9-11`). All problems of a file are collected and reported together with file:line and the
+field, so one `sdbatch validate` shows every mistake; nothing is rendered from a job with any.
+"""
+
+import difflib
+import itertools
+import math
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..images import aspect_differs
+from ..output.names import DEFAULT_TEMPLATE, TOKENS
+from ..recipe import FIELDS, Recipe
+from .fields import MODEL, PARAMS, RUN_OPTIONS, YAML_DEFAULTS, Context, RandomSeeds, parse_item, show
+from .ranges import MAX_AXIS_VALUES
+from .yamlmarks import JobError, LineDict, LineList, Problem, parse_yaml
+
+MAX_TASKS = 1_000_000
+TOP_KEYS = ("name", "model", "vae", "output", "filename", "sheet", "devices", "defaults", "runs")
+RUN_KEYS = (*PARAMS, "sheet")
+AXES = FIELDS  # what can vary between the images of a run (and label a contact sheet's rows)
+# Names people bring from A1111, diffusers or habit, and what this file calls them.
+ALIASES = {
+    "negative_prompt": "negative",
+    "neg": "negative",
+    "prompts": "prompt",
+    "seeds": "seed",
+    "cfg_scale": "cfg",
+    "guidance_scale": "cfg",
+    "scale": "cfg",
+    "sampler_name": "sampler",
+    "scheduler": "sampler",
+    "num_inference_steps": "steps",
+    "denoising_strength": "strength",
+    "width": "size",
+    "height": "size",
+    "image": "init_image",
+    "init": "init_image",
+    "mask_image": "mask",
+    "batch": "batch_size",
+    "models": "model",
+    "out": "output",
+    "output_dir": "output",
+    "run": "runs",
+    "default": "defaults",
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a value came from, for error messages."""
+
+    file: str
+    line: int
+    field: str
+
+
+@dataclass
+class Run:
+    index: int
+    values: dict[str, list]  # recipe field -> its values (one-element lists for scalars)
+    sources: dict[str, Source]
+    sheet: dict[str, str | None] = field(default_factory=dict)
+    batch_size: int | str = "auto"
+
+    def size(self) -> int:
+        return math.prod(sum(v.count if isinstance(v, RandomSeeds) else 1 for v in vs) for vs in self.values.values())
+
+
+@dataclass(frozen=True)
+class Task:
+    """One image to render: where it stands in the job, the id that names it across runs of the
+    job (resume skips ids already done), and its recipe."""
+
+    index: int
+    run: int
+    id: str
+    recipe: Recipe
+
+
+@dataclass
+class Job:
+    file: Path
+    name: str
+    model: str
+    vae: str | None
+    output: Path
+    filename: str
+    devices: str
+    runs: list[Run]
+    sheet: dict[str, str | None]
+    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def random_slots(self) -> dict[str, int]:
+        """`run<i>.seed` -> how many random seeds that run needs."""
+        return {
+            f"run{run.index}.seed": v.count
+            for run in self.runs
+            for v in run.values.get("seed", [])
+            if isinstance(v, RandomSeeds)
+        }
+
+    def size(self) -> int:
+        return sum(run.size() for run in self.runs)
+
+    def expand(
+        self, randoms: dict[str, list[int]], size: int, cfg: float, keep: bool = True
+    ) -> list[tuple[int, Recipe]]:
+        """(run index, recipe) for every image of every run, in order. `randoms` gives the draws of
+        `seed: random`; `size` and `cfg` are the model's, for runs that leave them to it. Raises
+        JobError naming every rule a combination breaks (a mask without an image, say) with the
+        lines of the values involved. `keep=False` checks without keeping the list."""
+        out: list[tuple[int, Recipe]] = []
+        problems: dict[tuple[int, str, str], Problem] = {}
+
+        def report(run: Run, name: str, message: str) -> None:
+            src = run.sources[name]
+            problems.setdefault((src.line, src.field, message), Problem(src.file, src.line, src.field, message))
+
+        model = {"size": (size, size), "cfg": float(cfg)}
+        for run in self.runs:
+            self._check_aspects(run, report)
+            values = {k: [model[k] if v is MODEL else v for v in vs] for k, vs in run.values.items()}
+            draws = randoms.get(f"run{run.index}.seed", [])
+            values["seed"] = [
+                s for v in values["seed"] for s in (draws[: v.count] if isinstance(v, RandomSeeds) else [v])
+            ]
+            for combo in itertools.product(*(values[name] for name in FIELDS)):
+                recipe = Recipe(**dict(zip(FIELDS, combo, strict=True)))
+                if recipe.init_image is None:
+                    recipe = replace(recipe, strength=None)  # txt2img has no strength, whatever the default
+                for name, message in recipe.problems():
+                    report(run, name, message)
+                if keep:
+                    out.append((run.index, recipe))
+        if problems:
+            raise JobError(list(problems.values()))
+        return out
+
+    def _check_aspects(self, run: Run, report: Callable[[Run, str, str], None]) -> None:
+        """Init images and masks must have the render size's aspect ratio (they are resized, never
+        cropped or stretched): refuse a mismatch before anything renders, not halfway through a job."""
+        for key in ("init_image", "mask"):
+            for path in run.values[key]:
+                if path is None:
+                    continue
+                w, h = self.image_sizes[path]
+                for size in run.values["size"]:
+                    if aspect_differs((w, h), (1, 1) if size is MODEL else size):
+                        wanted = (
+                            "the model's square size (size is not set)"
+                            if size is MODEL
+                            else f"size {size[0]}x{size[1]}"
+                        )
+                        report(
+                            run,
+                            key,
+                            f"{Path(path).name} is {w}x{h}, which does not have the aspect ratio of {wanted}; "
+                            "crop it or choose a matching size",
+                        )
+
+
+def draw_randoms(slots: dict[str, int], recorded: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Recorded draws, topped up with fresh ones where a slot needs more."""
+    out = {}
+    for key, count in slots.items():
+        have = [int(v) for v in recorded.get(key, [])][:count]
+        out[key] = have + [secrets.randbelow(2**32) for _ in range(count - len(have))]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading a job file
+
+
+class _Checker:
+    """Collects every problem of one job file."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.name = str(file)
+        self.ctx = Context(file.parent)
+        self.problems: list[Problem] = []
+
+    def problem(self, line: int, name: str, message: str) -> None:
+        self.problems.append(Problem(self.name, line, name, message))
+
+    def unknown_keys(self, block: LineDict, allowed: tuple[str, ...], where: str) -> None:
+        for key in block:
+            if key in allowed:
+                continue
+            guess = ALIASES.get(key.lower()) if ALIASES.get(key.lower()) in allowed else None
+            guess = guess or next(iter(difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)), None)
+            hint = f"; did you mean {guess!r}?" if guess else f"; {where} takes: {', '.join(allowed)}"
+            if key in ("width", "height") and "size" in allowed:
+                hint = "; write size: [width, height] (or size: 512 for a square)"
+            self.problem(block.lines[key], key, f"unknown key{hint}")
+
+    def values(self, key: str, raw: Any, line: int) -> list | None:
+        """One parameter: raw YAML value -> list of values, or None after reporting a problem."""
+        items = list(raw) if isinstance(raw, list) else [raw]
+        lines = raw.lines if isinstance(raw, LineList) else [line] * len(items)
+        if isinstance(raw, list) and key == "size" and len(raw) == 2 and all(isinstance(v, int) for v in raw):
+            items, lines = [raw], [line]  # size: [768, 512] is one size
+        if not items:
+            self.problem(line, key, "empty list: give at least one value")
+            return None
+        if key in RUN_OPTIONS and len(items) > 1:
+            self.problem(line, key, "takes one value (it changes speed, not images)")
+            return None
+        out: list = []
+        ok = True
+        for item, item_line in zip(items, lines, strict=True):
+            try:
+                out.extend(parse_item(key, item, self.ctx))
+            except (ValueError, OSError) as e:
+                self.problem(item_line, key, str(e))
+                ok = False
+        if ok and len(out) > MAX_AXIS_VALUES:
+            self.problem(line, key, f"{len(out):,} values; at most {MAX_AXIS_VALUES:,} per axis")
+            return None
+        return out if ok else None
+
+    def text_key(self, data: LineDict, key: str, default: str | None) -> str | None:
+        value = data.get(key, default)
+        if value is not None and not isinstance(value, str):
+            self.problem(data.lines[key], key, f"must be text, got {show(value)}")
+            return default
+        if isinstance(value, str) and not value.strip():
+            self.problem(data.lines[key], key, "must not be empty")
+            return default
+        return value
+
+
+def load_job(path: str | Path) -> Job:
+    """Parse and validate a job file; raises JobError listing every problem found."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise JobError([Problem(str(file), 0, "", "job file not found")]) from None
+    except IsADirectoryError:
+        raise JobError([Problem(str(file), 0, "", "is a folder, not a job file")]) from None
+    except UnicodeDecodeError:
+        raise JobError([Problem(str(file), 0, "", "not UTF-8 text")]) from None
+    return parse_job(text, file)
+
+
+def parse_job(text: str, file: Path) -> Job:
+    data = parse_yaml(text, str(file))
+    check = _Checker(file)
+    if data is None:
+        raise JobError([Problem(str(file), 0, "", "the job file is empty; it needs at least a prompt")])
+    if not isinstance(data, LineDict):
+        raise JobError([Problem(str(file), 1, "", f"a job file is a mapping of keys (prompt: ...), not {show(data)}")])
+    check.unknown_keys(data, TOP_KEYS + PARAMS, "a job")
+    job = _job_settings(check, data, file)
+    defaults = _defaults(check, data)
+    for i, (block, line) in enumerate(_run_blocks(check, data)):
+        if not isinstance(block, LineDict):
+            check.problem(line, f"runs[{i}]", f"must be a mapping of parameters, got {show(block)}")
+            continue
+        if block is not data:
+            check.unknown_keys(block, RUN_KEYS, "a run")
+        run = _run(check, i, block, defaults, prefix=f"runs[{i}]." if block is not data else "")
+        if run is not None:
+            run.sheet = (
+                _sheet(check, block.get("sheet"), block.lines.get("sheet", 0)) if "sheet" in block else job.sheet
+            )
+            job.runs.append(run)
+    if check.problems:
+        raise JobError(check.problems)
+    job.image_sizes = check.ctx.image_sizes
+    if job.size() > MAX_TASKS:
+        raise JobError([Problem(str(file), 0, "", f"expands to {job.size():,} images (at most {MAX_TASKS:,} per job)")])
+    job.expand({}, size=512, cfg=7.5, keep=False)  # every combination's rules, before any model is read
+    return job
+
+
+def _job_settings(check: _Checker, data: LineDict, file: Path) -> Job:
+    """The job-wide keys: name, model, vae, output, devices, filename, sheet (no runs yet)."""
+    name = check.text_key(data, "name", file.stem) or file.stem
+    if re.search(r"[/\\\x00]", name) or name in (".", ".."):
+        check.problem(data.lines["name"], "name", f"{name!r} cannot name a folder; use letters, digits, - and _")
+        name = file.stem
+    model = check.text_key(data, "model", "demo") or "demo"
+    vae = check.text_key(data, "vae", None)
+    if vae is not None and (file.parent / vae).exists():
+        vae = str((file.parent / vae).resolve())
+    if model != "demo" and (file.parent / model).exists():
+        model = str((file.parent / model).resolve())
+    output_text = check.text_key(data, "output", None)
+    output = (file.parent / output_text).resolve() if output_text else Path("outputs") / name
+    devices = str(check.text_key(data, "devices", "auto"))
+    filename = check.text_key(data, "filename", DEFAULT_TEMPLATE) or DEFAULT_TEMPLATE
+    _check_filename(check, filename, data.lines.get("filename", 0))
+    sheet = _sheet(check, data.get("sheet"), data.lines.get("sheet", 0))
+    return Job(file, name, model, vae, output, filename, devices, [], sheet)
+
+
+def _defaults(check: _Checker, data: LineDict) -> LineDict:
+    defaults = data.get("defaults", LineDict())
+    if not isinstance(defaults, LineDict):
+        check.problem(data.lines["defaults"], "defaults", f"must be a mapping of parameters, got {show(defaults)}")
+        defaults = LineDict()
+        defaults.lines = {}
+    elif "defaults" in data:
+        check.unknown_keys(defaults, PARAMS, "defaults")
+    return defaults
+
+
+def _run_blocks(check: _Checker, data: LineDict) -> list[tuple[Any, int]]:
+    """(block, line) of every run: the `runs:` list, or the job itself when it has none."""
+    if "runs" not in data:
+        return [(data, data.line)]
+    top_params = [k for k in data if k in PARAMS]
+    if top_params:
+        check.problem(
+            data.lines[top_params[0]],
+            top_params[0],
+            "parameters at top level and a runs: list both given; put shared values under defaults:",
+        )
+    blocks = data["runs"]
+    if not isinstance(blocks, LineList) or not blocks:
+        check.problem(data.lines["runs"], "runs", "must be a list of run blocks (- prompt: ...)")
+        return []
+    return list(zip(blocks, blocks.lines, strict=True))
+
+
+def _run(check: _Checker, index: int, block: LineDict, defaults: LineDict, prefix: str) -> Run | None:
+    values: dict[str, list] = {}
+    sources: dict[str, Source] = {}
+    before = len(check.problems)
+    for key in PARAMS:
+        if key in block:
+            raw, line, label = block[key], block.lines[key], prefix + key
+        elif key in defaults:
+            raw, line, label = defaults[key], defaults.lines[key], f"defaults.{key}"
+        elif key in YAML_DEFAULTS or key in RUN_OPTIONS:
+            values[key] = [YAML_DEFAULTS.get(key, RUN_OPTIONS.get(key))]
+            sources[key] = Source(check.name, 0, key)
+            continue
+        else:
+            check.problem(block.line, prefix + key, f"missing: every run needs a {key} (here or in defaults:)")
+            continue
+        parsed = check.values(key, raw, line)
+        if parsed is not None:
+            values[key] = parsed
+            sources[key] = Source(check.name, line, label)
+    if len(check.problems) > before:
+        return None
+    options = {key: values.pop(key)[0] for key in RUN_OPTIONS}
+    return Run(index, values, sources, batch_size=options["batch_size"])
+
+
+def _check_filename(check: _Checker, template: str, line: int) -> None:
+    sample = dict.fromkeys(TOKENS, 0) | {"slug": "a", "id": "0" * 16, "sampler": "euler", "prompt": "a"}
+    try:
+        template.format(**sample)
+    except (KeyError, IndexError, ValueError) as e:
+        check.problem(line, "filename", f"bad template ({e}); fields: {', '.join(TOKENS)}")
+        return
+    if "/" in template or "\\" in template:
+        check.problem(line, "filename", "must not contain / : images go directly into the output folder")
+
+
+def _sheet(check: _Checker, raw: Any, line: int) -> dict[str, str | None]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, LineDict):
+        check.problem(line, "sheet", f"must be a mapping like {{x: cfg, y: seed}}, got {show(raw)}")
+        return {}
+    out: dict[str, str | None] = {}
+    for key, value in raw.items():
+        if key not in ("x", "y"):
+            check.problem(raw.lines[key], f"sheet.{key}", "unknown key; sheet takes x and y")
+        elif value is not None and value not in AXES:
+            guess = difflib.get_close_matches(str(value), AXES, n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else f" (axes: {', '.join(AXES)})"
+            check.problem(raw.lines[key], f"sheet.{key}", f"{value!r} is not a parameter{hint}")
+        else:
+            out[key] = value
+    if out.get("x") and out.get("x") == out.get("y"):
+        check.problem(line, "sheet", "x and y must be different parameters")
+    return out

@@ -1,0 +1,314 @@
+"""The recipe: every parameter that decides an image's pixels (given the model), in one place.
+
+Adding a parameter means exactly four things, and nothing else:
+  1. a field of `Recipe`, with its default and a one-line doc (`param(default, doc)`);
+  2. its rule in `RULES` (one value) or `Recipe.problems` (a rule across fields);
+  3. its YAML parser in `sdbatch.jobs.fields.PARSERS`;
+  4. its A1111 infotext key in `A1111_KEYS`, if A1111 has one.
+The manifest record, the `sdbatch` PNG chunk, task ids, `rerun`, file-name tokens and contact-sheet
+axes are all derived from the fields. `tests/test_recipe.py` walks the fields and round-trips each
+one through every one of those, so a field forgotten anywhere fails it.
+
+Torch-free: validating and planning a job never import torch.
+"""
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from .errors import InputError
+from .output.a1111 import format_infotext, number_text, parse_infotext
+from .samplers import SAMPLER_NAMES, SAMPLERS
+
+MAX_SIDE = 8192
+
+
+class RecipeError(InputError):
+    """A recipe that cannot be rendered; the message names the field and says why."""
+
+
+def param(default: Any, doc: str, *, file: bool = False) -> Any:
+    """A recipe field. `file=True`: the value is a path whose contents (not its name) enter the id."""
+    return field(default=default, metadata={"doc": doc, "file": file})
+
+
+# Fields are declared in the order a job's product expands them: the first varies slowest, `seed`
+# (declared last) fastest, so consecutive images of a grid differ in their seed first.
+@dataclass(frozen=True)
+class Recipe:
+    prompt: str = param("", "what to draw")
+    negative: str = param("", "the unconditional prompt of classifier-free guidance")
+    init_image: str | None = param(None, "img2img / inpainting: the image to start from (a path)", file=True)
+    mask: str | None = param(None, "inpainting: white = repaint (a path); needs init_image", file=True)
+    size: tuple[int, int] = param((512, 512), "(width, height) in pixels, multiples of 8")
+    sampler: str = param("euler_a", "sampler name (sdbatch.samplers)")
+    karras: bool = param(False, "Karras sigmas instead of the sampler's own schedule")
+    steps: int = param(30, "sampler steps (img2img runs the last int(steps * strength))")
+    strength: float | None = param(None, "img2img / inpainting: how much of the schedule is re-run; None for txt2img")
+    cfg: float = param(7.5, "classifier-free guidance scale (1 = no guidance, no uncond row)")
+    seed: int = param(0, "seeds the image's own noise generator: 0 .. 2**64-1")
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    @property
+    def mode(self) -> str:
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask is None else "inpaint"
+
+    def batch_key(self) -> tuple:
+        """Recipes with equal keys share every UNet call; prompts, seeds and CFG may differ."""
+        return (self.steps, self.sampler, self.karras, self.size, self.mode, self.strength)
+
+    # -- rules
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        """(field, message) for every rule this recipe breaks: each field's own rule, then the rules
+        across fields. The only copy of the rules: jobs, rerun and the pipeline all use it."""
+        for f in fields(self):
+            message = RULES[f.name](getattr(self, f.name))
+            if message:
+                yield f.name, message
+        if self.karras and self.sampler in SAMPLERS and not SAMPLERS[self.sampler].karras:
+            yield "karras", f"karras does not apply to {self.sampler} (fixed timesteps)"
+        if self.mask is not None and self.init_image is None:
+            yield "mask", "a mask needs an init_image to repaint"
+        if (self.init_image is None) != (self.strength is None):
+            yield "strength", "is set for images with an init_image (img2img, inpainting) only"
+        elif self.strength is not None and int(self.steps * self.strength) < 1:
+            yield "strength", f"strength {self.strength:g} of {self.steps} steps runs no step at all"
+
+    def check(self) -> "Recipe":
+        """The recipe itself, or RecipeError naming every rule it breaks."""
+        found = [f"{name}: {message}" for name, message in self.problems()]
+        if found:
+            raise RecipeError("; ".join(found))
+        return self
+
+    # -- the manifest record and the `sdbatch` PNG chunk
+
+    def to_record(self) -> dict[str, Any]:
+        """Every field by name, as JSON values (tuples become lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], where: str = "") -> "Recipe":
+        """Inverse of `to_record`; a field the record lacks takes its default (older files), a value
+        of the wrong type or one that breaks a rule is a RecipeError naming it."""
+        values = {}
+        for f in fields(cls):
+            if f.name in record:
+                try:
+                    values[f.name] = _coerce(f.name, record[f.name])
+                except (TypeError, ValueError) as e:
+                    raise RecipeError(f"{where}{f.name}: {e}") from None
+        recipe = cls(**values)
+        found = [f"{name}: {message}" for name, message in recipe.problems()]
+        if found:
+            raise RecipeError(where + "; ".join(found))
+        return recipe
+
+    # -- ids
+
+    def task_id(self, model_id: str, digest: Callable[[str], str]) -> str:
+        """16 hex digits naming this image across runs: sha256 of the recipe (file fields by their
+        contents' `digest`) and the model. Fields added after 0.1.0 enter only when they differ from
+        their default, so adding a parameter never changes the ids of images already rendered."""
+        data: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in _ID_V1 and value == f.default:
+                continue
+            if f.metadata["file"] and value is not None:
+                value = digest(value)
+            if f.name == "size":  # 0.1.0 ids spelled the size as two numbers
+                data["width"], data["height"] = value
+            else:
+                data[f.name] = value
+        data["model"] = model_id
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    # -- A1111's `parameters` text
+
+    def to_a1111(self, model: dict[str, str], version: str) -> str:
+        """The infotext A1111 writes (create_infotext), which its PNG Info tab and civitai read.
+        `model` gives `Model hash` and `Model`, written after `Size` as A1111 does."""
+        pairs: dict[str, Any] = {}
+        for name, (key, write, _) in A1111_KEYS.items():
+            pairs[key] = write(getattr(self, name))
+            if key == "Size":
+                pairs |= model
+        pairs["Version"] = f"sdbatch {version}"
+        return format_infotext(self.prompt, self.negative, pairs)
+
+    @classmethod
+    def from_a1111(cls, text: str, where: str = "") -> "Recipe":
+        """The recipe of an A1111 infotext. A key that would change the picture and that sdbatch
+        cannot reproduce is refused by name (never silently dropped); so is a value out of range."""
+        prompt, negative, pairs = parse_infotext(text)
+        values: dict[str, Any] = {"prompt": prompt, "negative": negative}
+        unknown = [k for k in pairs if k not in _READERS and k not in A1111_IGNORED]
+        if unknown:
+            raise RecipeError(f"{where}sdbatch cannot reproduce these A1111 fields yet: {', '.join(unknown)}")
+        for key, raw in pairs.items():
+            if key in _READERS:
+                try:
+                    values |= _READERS[key](raw)
+                except (TypeError, ValueError) as e:
+                    raise RecipeError(f"{where}{key}: {raw!r}: {e}") from None
+        for required in ("Steps", "Sampler", "CFG scale", "Seed", "Size"):
+            if required not in pairs:
+                raise RecipeError(f"{where}the A1111 parameters lack {required}")
+        if values.get("strength") is not None:
+            raise RecipeError(f"{where}an A1111 img2img image names no init image; render it from a job file")
+        recipe = cls(**values)
+        found = [f"{name}: {message}" for name, message in recipe.problems()]
+        if found:
+            raise RecipeError(where + "; ".join(found))
+        return recipe
+
+
+_ID_V1 = ("prompt", "negative", "init_image", "mask", "size", "sampler", "karras", "steps", "strength", "cfg", "seed")
+FIELDS = tuple(f.name for f in fields(Recipe))
+DEFAULTS = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}
+DOCS = {f.name: f.metadata["doc"] for f in fields(Recipe)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# one value's rule per field: a message when the value is wrong, else None
+
+
+def _text(value: Any) -> str | None:
+    return None if isinstance(value, str) else f"must be text, got {value!r}"
+
+
+def _path(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, str) and value) else f"must be a path, got {value!r}"
+
+
+def _whole(low: int, high: int, what: str) -> Callable[[Any], str | None]:
+    def rule(value: Any) -> str | None:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            return f"{value} is out of range: must be {what}"
+        return None
+
+    return rule
+
+
+def _real(low: float, high: float, what: str, above: bool = False) -> Callable[[Any], str | None]:
+    def rule(value: Any) -> str | None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not low <= value <= high or (above and value <= low):
+            return f"{value} is out of range: must be {what}"
+        return None
+
+    return rule
+
+
+def _size(value: Any) -> str | None:
+    ok = isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value)
+    if not ok or any(not 8 <= side <= MAX_SIDE or side % 8 for side in value):
+        shown = f"{value[0]}x{value[1]}" if ok else repr(value)
+        return f"{shown}: each side must be a multiple of 8 from 8 to {MAX_SIDE}"
+    return None
+
+
+def _sampler(value: Any) -> str | None:
+    return None if value in SAMPLERS else f"unknown sampler {value!r} (known: {', '.join(SAMPLERS)})"
+
+
+def _flag(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+
+
+def _strength(value: Any) -> str | None:
+    return None if value is None else _real(0.0, 1.0, "above 0 and at most 1", above=True)(value)
+
+
+RULES: dict[str, Callable[[Any], str | None]] = {
+    "prompt": _text,
+    "negative": _text,
+    "init_image": _path,
+    "mask": _path,
+    "size": _size,
+    "sampler": _sampler,
+    "karras": _flag,
+    "steps": _whole(1, 1000, "from 1 to 1000"),
+    "strength": _strength,
+    "cfg": _real(0.0, 100.0, "from 0 to 100"),
+    "seed": _whole(0, 2**64 - 1, "from 0 to 2**64-1"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# JSON in and out
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A JSON value back into the field's Python type (strict: no float seeds, no text numbers)."""
+    if name == "size":
+        if not isinstance(value, list) or len(value) != 2:
+            raise ValueError(f"must be [width, height], got {value!r}")
+        return tuple(value)
+    if name == "cfg" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------
+# A1111 infotext keys: field -> (key, write value or None to leave it out, read text -> field values)
+
+
+def _read_sampler(text: str) -> dict[str, Any]:
+    karras = text.endswith(" Karras")  # before A1111 1.9 the schedule was part of the sampler's name
+    base = text.removesuffix(" Karras").strip().lower()
+    name = SAMPLER_NAMES.get(base) or SAMPLER_NAMES.get(base.replace(" ", "_"))
+    if name is None:
+        raise ValueError("has no sdbatch equivalent yet")
+    return {"sampler": name} | ({"karras": True} if karras else {})
+
+
+def _read_schedule(text: str) -> dict[str, Any]:
+    if text not in ("Karras", "Automatic"):
+        raise ValueError("only Karras and Automatic (the sampler's own schedule) are supported yet")
+    return {"karras": True} if text == "Karras" else {}
+
+
+def _read_size(text: str) -> dict[str, Any]:
+    width, _, height = text.partition("x")
+    return {"size": (int(width), int(height))}
+
+
+def _read_whole(name: str) -> Callable[[str], dict[str, Any]]:
+    return lambda text: {name: int(text)}  # int("1e3") fails: no float rounding of seeds
+
+
+def _read_real(name: str) -> Callable[[str], dict[str, Any]]:
+    return lambda text: {name: float(text)}
+
+
+A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str, Any]]]] = {
+    "steps": ("Steps", lambda v: v, _read_whole("steps")),
+    "sampler": ("Sampler", lambda v: SAMPLERS[v].a1111, _read_sampler),
+    "karras": ("Schedule type", lambda v: "Karras" if v else None, _read_schedule),
+    "cfg": ("CFG scale", number_text, _read_real("cfg")),
+    "seed": ("Seed", lambda v: v, _read_whole("seed")),
+    "size": ("Size", lambda v: f"{v[0]}x{v[1]}", _read_size),
+    "strength": ("Denoising strength", lambda v: None if v is None else number_text(v), _read_real("strength")),
+}
+_READERS = {key: read for key, _, read in A1111_KEYS.values()}
+# keys that do not change the pixels (or name the model, which rerun resolves itself)
+A1111_IGNORED = {"Model hash", "Model", "Version"}
