@@ -1,10 +1,11 @@
 """The `sdbatch` command. Thin: parsing and printing only; the work lives in the modules it calls.
-
-Exit codes: 0 success, 1 some images failed, 2 bad input (job file, weights, arguments),
-75 output folder locked by another run, 130 interrupted.
+One error boundary (`_guard`) turns every expected failure into one line and its exit code
+(sdbatch.errors): 2 bad input, 75 output folder locked, 130 interrupted.
 """
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -12,9 +13,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import InputError
-
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 1, 2, 75, 130
+from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, InputError, OutputLocked
 
 app = typer.Typer(
     help="Batch renderer for Stable Diffusion v1.x: YAML sweeps, every device busy, reproducible images.",
@@ -24,6 +23,21 @@ app = typer.Typer(
 )
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # logs: no wrapping at 80
 err = Console(stderr=True, soft_wrap=True)
+
+
+@contextmanager
+def _guard() -> Iterator[None]:
+    """The one error boundary: bad input, a locked folder or an interrupt becomes one line on
+    stderr (user text printed unstyled) and its exit code; anything else is a bug and says so."""
+    try:
+        yield
+    except (InputError, OutputLocked, OSError) as e:
+        err.print("[red]error:[/] ", end="")
+        err.print(str(e), markup=False, highlight=False)
+        raise typer.Exit(getattr(e, "exit_code", EXIT_BAD_INPUT)) from None
+    except KeyboardInterrupt:  # before rendering began (loading), or a second Ctrl-C
+        err.print("interrupted", markup=False, highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _version(value: bool) -> None:
@@ -51,37 +65,26 @@ def check_model(
     hash_: Annotated[bool, typer.Option("--hash/--no-hash", help="Compute the sha256 (cached after once).")] = True,
 ) -> None:
     """Load a model fully and say what it is: kind, hash, sizes and where its tokenizer comes from."""
-    from .checkpoint import describe, load_model, model_hash, resolve_model
+    from .checkpoints import describe, load_model, model_hash, resolve_model
+    from .tokenizer import load_tokenizer
 
-    try:
+    with _guard():
         path = resolve_model(path)
         kind, shapes, _ = describe(path)
-        out.print(f"[bold]{path}[/]: {kind.description} ({len(shapes)} tensors)")
+        _say(f"{path}: {kind.description} ({len(shapes)} tensors)")
         loaded = load_model(path, vae=vae, config=config)
         model = loaded.model
         for name, part in (("unet", model.unet), ("vae", model.vae), ("text encoder", model.text_encoder)):
-            out.print(f"  {name:<13}{sum(p.numel() for p in part.parameters()):>14,} parameters")
-        out.print(f"  config       {loaded.config.name}")
-        from .tokenizer import load_tokenizer  # transformers costs a second or two: only once it is needed
-
-        tokenizer = load_tokenizer(path, vocab_size=loaded.config.clip.vocab_size)
-        out.print(f"  tokenizer    {tokenizer.source}")
+            _say(f"  {name:<13}{sum(p.numel() for p in part.parameters()):>14,} parameters")
+        _say(f"  config       {loaded.config.name}")
+        _say(f"  tokenizer    {load_tokenizer(path, vocab_size=loaded.config.clip.vocab_size).source}")
         if hash_:
-            out.print(f"  model hash   {model_hash(path)}")
-    except (InputError, OSError) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+            _say(f"  model hash   {model_hash(path)}")
 
 
-def _fail(e: BaseException, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    err.print(f"[red]error:[/] {e}", highlight=False)
-    return typer.Exit(code)
-
-
-def _load(job_file: Path):
-    from .jobs import load_job
-
-    return load_job(job_file)
+def _say(text: str) -> None:
+    """User text (prompts, paths) printed as it is: Rich markup must never eat [brackets]."""
+    out.print(text, markup=False, highlight=False)
 
 
 JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_default=False)]
@@ -90,26 +93,17 @@ OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Output f
 
 @app.command()
 def validate(job_file: JobArg) -> None:
-    """Check a job file and its model, images and prompt files; render nothing. Exit 2 on any problem."""
-    from .checkpoint import resolve_model
+    """Check a job file, its model's header, images and prompt files; render nothing. Exit 2 on any problem."""
+    from .jobs import load_job
+    from .plan import ModelInfo
 
-    try:
-        job = _load(job_file)
-        resolve_model(job.model)
-    except InputError as e:
-        raise _fail(e) from None
+    with _guard():
+        job = load_job(job_file)
+        model = ModelInfo.of(job.model, job.vae)
+        job.expand({}, model.size, model.cfg, keep=False)  # the rules again, at the model's own size
     slots = job.random_slots()
-    count = sum(_run_size(r) for r in job.runs)
     extra = f" ({sum(slots.values())} seeds drawn at random when it first runs)" if slots else ""
-    out.print(f"{job_file}: ok: {count} images in {len(job.runs)} run(s){extra}", highlight=False)
-
-
-def _run_size(run) -> int:
-    import math
-
-    from .jobs import _axis_len
-
-    return math.prod(_axis_len(v) for v in run.values.values())
+    _say(f"{job_file}: ok: {job.size()} images in {len(job.runs)} run(s){extra}")
 
 
 @app.command()
@@ -121,36 +115,36 @@ def plan(
     """Print the expanded plan: values per axis, the first tasks, and how many are already done."""
     from rich.table import Table
 
-    from .jobs import axis_counts
-    from .runner import plan_job
+    from .jobs import AXES, load_job
+    from .output.names import file_name
+    from .plan import RANDOMS, plan_job
 
-    try:
-        p = plan_job(_load(job_file), output)
-    except InputError as e:
-        raise _fail(e) from None
-    counts = axis_counts(p.tasks)
+    with _guard():
+        p = plan_job(load_job(job_file), output)
+    counts = {axis: len({repr(getattr(t.recipe, axis)) for t in p.tasks}) for axis in AXES}
     axes = ", ".join(f"{axis} {n}" for axis, n in counts.items() if n > 1) or "nothing varies"
-    out.print(f"[bold]{p.job.name}[/]: {len(p.tasks)} images ({axes}) with {p.model_path}", highlight=False)
-    out.print(f"output {p.output}: {len(p.done)} already done, {len(p.todo)} to render", highlight=False)
-    if p.job.random_slots() and not (p.output / "randoms.json").exists():
-        out.print("seed: random is drawn when the job first runs; the seeds below are an example", highlight=False)
+    _say(f"{p.job.name}: {len(p.tasks)} images ({axes}) with {p.model.path}")
+    _say(f"output {p.output}: {len(p.done)} already done, {len(p.todo)} to render")
+    if p.job.random_slots() and not (p.output / RANDOMS).exists():
+        _say("seed: random is drawn when the job first runs; the seeds below are an example")
     table = Table("#", "file", "prompt", "seed", "steps", "sampler", "cfg", "size", "done", box=None)
     for t in p.tasks[:show]:
-        sampler = t.sampler + (" karras" if t.karras else "")
+        r = t.recipe
         table.add_row(
             str(t.index),
-            p.names[t.id],
-            t.prompt if len(t.prompt) <= 40 else t.prompt[:39] + "…",
-            str(t.seed),
-            str(t.steps),
-            sampler,
-            f"{t.cfg:g}",
-            f"{t.width}x{t.height}",
+            p.names.get(t.id, file_name(p.job.filename, t)),
+            r.prompt if len(r.prompt) <= 40 else r.prompt[:39] + "…",
+            str(r.seed),
+            str(r.steps),
+            r.sampler + (" karras" if r.karras else ""),
+            f"{r.cfg:g}",
+            f"{r.width}x{r.height}",
             "yes" if t.id in p.done else "",
+            style=None,
         )
-    out.print(table)
+    out.print(table, markup=False)
     if len(p.tasks) > show:
-        out.print(f"... and {len(p.tasks) - show} more")
+        _say(f"... and {len(p.tasks) - show} more")
 
 
 @app.command()
@@ -186,48 +180,45 @@ def run(
 ) -> None:
     """Render a job. Finished images are skipped, so running it again resumes. Exit codes: 0 done,
     1 some images failed, 2 bad input, 75 output folder in use by another run, 130 interrupted."""
-    from . import report
-    from .output import OutputLocked
+    from .jobs import load_job
     from .runner import Options, run_job
 
-    if log_json:
-        reporter = report.JsonReporter()
-    elif quiet:
-        reporter = report.QuietReporter()
-    elif sys.stdout.isatty():
-        reporter = report.RichReporter(out)
-    else:
-        reporter = report.PlainReporter()
+    reporter = _reporter(quiet, log_json)
     try:
-        job = _load(job_file)
-        if backend not in ("local", "ray"):
-            raise InputError(f"--backend: {backend!r}; use local or ray")
-        options = Options(
-            output=output,
-            device=devices or "auto",
-            batch_size=batch_size,
-            dry_run=dry_run,
-            shard=_shard(shard),
-            backend=backend,
-            ray_address=ray_address,
-            fast=_fast(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile),
-        )
-        summary = run_job(job, options, reporter)
-    except InputError as e:
-        raise _fail(e) from None
-    except OutputLocked as e:
-        raise _fail(e, EXIT_LOCKED) from None
-    except KeyboardInterrupt:  # before rendering began (loading), or a second Ctrl-C
-        raise _fail(InputError("interrupted"), EXIT_INTERRUPTED) from None
+        with _guard():
+            if backend not in ("local", "ray"):
+                raise InputError(f"--backend: {backend!r}; use local or ray")
+            options = Options(
+                output=output,
+                device=devices or "auto",
+                batch_size=batch_size,
+                dry_run=dry_run,
+                shard=_shard(shard),
+                backend=backend,
+                ray_address=ray_address,
+                tuning=_tuning(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile),
+            )
+            summary = run_job(load_job(job_file), options, reporter)
     finally:
         reporter.close()
     raise typer.Exit(summary.exit_code)
 
 
-def _fast(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile):
-    from .pipeline import FastPath
+def _reporter(quiet: bool, log_json: bool):
+    from . import report
 
-    return FastPath(channels_last, compile_, cuda_graphs, vae_batch, low_vram, vae_tile)
+    if log_json:
+        return report.JsonReporter()
+    if quiet:
+        return report.QuietReporter()
+    return report.RichReporter(out) if sys.stdout.isatty() else report.PlainReporter()
+
+
+def _tuning(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile):
+    """The speed and memory options; imported only when a run renders (the pipeline needs torch)."""
+    from .pipeline import Tuning
+
+    return Tuning(channels_last, compile_, cuda_graphs, vae_batch, low_vram, vae_tile)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
@@ -244,35 +235,31 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 @app.command()
 def inspect(image: Annotated[Path, typer.Argument(help="A PNG written by sdbatch or A1111.")]) -> None:
     """Print the recipe stored in an image (sdbatch's own, else A1111's parameters text)."""
-    from .output import read_png_text
+    import json
 
-    try:
+    from .output.a1111 import parse_a1111_parameters
+    from .output.png import read_png_text
+    from .recipe import FIELDS
+
+    with _guard():
         text = read_png_text(image)
-    except InputError as e:
-        raise _fail(e) from None
-    if "sdbatch" in text:
-        import json
-
-        meta = json.loads(text["sdbatch"])
-        task = meta.get("task", {})
-        out.print(f"[bold]{image}[/] (sdbatch {meta.get('version')}, job {meta.get('job')})", highlight=False)
-        model = meta.get("model", {})
-        out.print(
-            f"  model      {model.get('name')} ({model.get('path')}, sha256 {model.get('sha256')})", highlight=False
-        )
-        for key in ("prompt", "negative", "seed", "steps", "sampler", "karras", "cfg", "size", "strength"):
-            out.print(f"  {key:<10} {task.get(key)}", highlight=False)
-        for key in ("init_image", "mask", "id"):
-            if task.get(key) is not None:
-                out.print(f"  {key:<10} {task.get(key)}", highlight=False)
-    elif "parameters" in text:
-        from .output import parse_a1111_parameters
-
-        out.print(f"[bold]{image}[/] (A1111 parameters)", highlight=False)
-        for key, value in parse_a1111_parameters(text["parameters"]).items():
-            out.print(f"  {key:<18} {value}", highlight=False)
-    else:
-        raise _fail(InputError(f"{image}: carries no generation parameters (no sdbatch or A1111 metadata)"))
+        if "sdbatch" in text:
+            try:
+                meta = json.loads(text["sdbatch"])
+                task, model = dict(meta.get("task", {})), dict(meta.get("model", {}))
+            except (ValueError, TypeError, AttributeError) as e:
+                raise InputError(f"{image}: its sdbatch metadata is damaged ({e})") from None
+            _say(f"{image} (sdbatch {meta.get('version')}, job {meta.get('job')})")
+            _say(f"  model      {model.get('name')} ({model.get('path')}, sha256 {model.get('sha256')})")
+            for key in (*FIELDS, "id"):
+                if key in task and (task[key] is not None or key not in ("init_image", "mask")):
+                    _say(f"  {key:<10} {task[key]}")
+        elif "parameters" in text:
+            _say(f"{image} (A1111 parameters)")
+            for key, value in parse_a1111_parameters(text["parameters"]).items():
+                _say(f"  {key:<18} {value}")
+        else:
+            raise InputError(f"{image}: carries no generation parameters (no sdbatch or A1111 metadata)")
 
 
 @app.command()
@@ -285,19 +272,18 @@ def rerun(
     """Render an image again from the recipe it carries, into another folder, under the same name."""
     from .rerun import rerun_image
 
-    try:
+    with _guard():
         path = rerun_image(image, output, model=model, device=devices)
-    except InputError as e:
-        raise _fail(e) from None
-    out.print(f"wrote {path}", highlight=False)
+    _say(f"wrote {path}")
 
 
 @app.command()
 def sheets(folder: Annotated[Path, typer.Argument(help="An output folder with a manifest.")]) -> None:
     """(Re)build the contact sheets of an output folder, e.g. after all shards of a job are done."""
-    from .runner import make_sheets
+    from .output.sheets import make_sheets
 
-    if not any(folder.glob("manifest*.jsonl")):
-        raise _fail(InputError(f"{folder}: no manifest.jsonl here; is it an sdbatch output folder?"))
-    for path in make_sheets(folder):
-        out.print(f"sheet: {path}", highlight=False)
+    with _guard():
+        if not any(folder.glob("manifest*.jsonl")):
+            raise InputError(f"{folder}: no manifest.jsonl here; is it an sdbatch output folder?")
+        for path in make_sheets(folder):
+            _say(f"sheet: {path}")

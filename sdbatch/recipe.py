@@ -82,8 +82,10 @@ class Recipe:
             yield "karras", f"karras does not apply to {self.sampler} (fixed timesteps)"
         if self.mask is not None and self.init_image is None:
             yield "mask", "a mask needs an init_image to repaint"
-        if (self.init_image is None) != (self.strength is None):
-            yield "strength", "is set for images with an init_image (img2img, inpainting) only"
+        if self.init_image is None and self.strength is not None:
+            yield "strength", "applies to images with an init_image (img2img, inpainting) only"
+        elif self.init_image is not None and self.strength is None:
+            yield "strength", "is needed with an init_image: how much of the schedule to re-run"
         elif self.strength is not None and int(self.steps * self.strength) < 1:
             yield "strength", f"strength {self.strength:g} of {self.steps} steps runs no step at all"
 

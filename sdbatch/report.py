@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from .jobs import Job, Task
 from .runner import Reporter, Summary
@@ -37,9 +38,9 @@ class PlainReporter(Reporter):
 
     def image(self, task: Task, file: str | None, error: str | None, done: int, todo: int, rate: float) -> None:
         if file is not None:
-            self._print(f"[{done}/{todo}] {file} seed={task.seed} cfg={task.cfg:g} ({rate:.2f} img/s)")
+            self._print(f"[{done}/{todo}] {file} seed={task.recipe.seed} cfg={task.recipe.cfg:g} ({rate:.2f} img/s)")
         else:
-            self._print(f"[{done}/{todo}] FAILED task {task.id} seed={task.seed}: {error}", err=True)
+            self._print(f"[{done}/{todo}] FAILED task {task.id} seed={task.recipe.seed}: {error}", err=True)
 
     def note(self, message: str) -> None:
         self._print(message, err=True)
@@ -81,7 +82,9 @@ class JsonReporter(Reporter):
 
     def image(self, task: Task, file: str | None, error: str | None, done: int, todo: int, rate: float) -> None:
         event = "image" if file is not None else "failed"
-        self._emit(event, id=task.id, file=file, error=error, seed=task.seed, done=done, todo=todo, rate=round(rate, 4))
+        self._emit(
+            event, id=task.id, file=file, error=error, seed=task.recipe.seed, done=done, todo=todo, rate=round(rate, 4)
+        )
 
     def note(self, message: str) -> None:
         self._emit("note", message=message)
@@ -112,7 +115,9 @@ class RichReporter(PlainReporter):
         self.bar = None
 
     def start(self, job: Job, total: int, todo: int, output: Path) -> None:
-        self.console.print(f"[bold]{job.name}[/]: {total} images, {total - todo} already done -> {output}")
+        self.console.print(
+            Text.assemble((job.name, "bold"), f": {total} images, {total - todo} already done -> {output}")
+        )
         if todo:
             self.progress = Progress(
                 TextColumn("[progress.description]{task.description}"),
@@ -129,10 +134,10 @@ class RichReporter(PlainReporter):
         if self.progress is not None:
             self.progress.update(self.bar, completed=done, rate=f"{rate:.2f} img/s")
         if file is None:
-            self.console.print(f"[red]failed[/] task {task.id} (seed {task.seed}): {error}")
+            self.console.print(Text.assemble(("failed", "red"), f" task {task.id} (seed {task.recipe.seed}): {error}"))
 
     def note(self, message: str) -> None:
-        self.console.print(message)
+        self.console.print(message, markup=False, highlight=False)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -142,8 +147,8 @@ class RichReporter(PlainReporter):
     def end(self, summary: Summary) -> None:
         self.close()
         color = "red" if summary.failed else ("yellow" if summary.interrupted else "green")
-        self.console.print(f"[{color}]{_summary_line(summary)}[/]", highlight=False)
+        self.console.print(Text(_summary_line(summary), style=color), highlight=False)
         for sheet in summary.sheets:
-            self.console.print(f"sheet: {sheet}", highlight=False)
+            self.console.print(f"sheet: {sheet}", markup=False, highlight=False)
         for task_id, why in summary.failed:
-            self.console.print(f"[red]failed[/] {task_id}: {why}", highlight=False)
+            self.console.print(Text.assemble(("failed", "red"), f" {task_id}: {why}"), highlight=False)

@@ -31,13 +31,7 @@ if TYPE_CHECKING:
 
 def model_config(path: str | Path) -> SDConfig:
     """The config `load_model` would use for this model, read without loading any tensor."""
-    source = open_model(path)
-    if not source.kind.loadable:
-        raise CheckpointError(
-            f"{source.path}: {source.kind.description}; sdbatch loads SD 1.x checkpoints "
-            "(normal or 9-channel inpainting) only"
-        )
-    return source.config()
+    return open_model(path).config()
 
 
 def model_defaults(path: str | Path) -> dict[str, Any]:

@@ -51,11 +51,7 @@ def load_model(
     Raises CheckpointError for anything that is not a loadable SD 1.x model.
     """
     source = open_model(path)
-    kind = source.kind
-    if not kind.loadable:
-        raise CheckpointError(
-            f"{source.path}: {kind.description}; sdbatch loads SD 1.x checkpoints (normal or 9-channel inpainting) only"
-        )
+    source.require_loadable()
     cfg = _resolve_config(config) if config is not None else source.config()
     view = source.view(_expected_shapes(cfg).keys(), cfg)
     vae_path = Path(vae) if vae is not None else None
@@ -64,7 +60,7 @@ def load_model(
         check_tensors(vae_view, cfg, vae_path, only=VAE_PREFIX)
         view = {k: v for k, v in view.items() if not k.startswith(VAE_PREFIX)} | vae_view
     check_tensors(view, cfg, source.path)
-    return LoadedModel(_load_view(view, cfg, device, dtype, source.path), source.path, kind, vae_path)
+    return LoadedModel(_load_view(view, cfg, device, dtype, source.path), source.path, source.kind, vae_path)
 
 
 def _resolve_config(config: str | SDConfig) -> SDConfig:

@@ -145,9 +145,6 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-
-
-
 def _unsupported_global(error: BaseException) -> str:
     for line in str(error).splitlines():
         if "Unsupported global" in line or "GLOBAL" in line:

@@ -34,6 +34,14 @@ class ModelSource:
     def config(self) -> SDConfig:
         raise NotImplementedError
 
+    def require_loadable(self) -> None:
+        kind = self.kind
+        if not kind.loadable:
+            raise CheckpointError(
+                f"{self.path}: {kind.description}; sdbatch loads SD 1.x checkpoints "
+                "(normal or 9-channel inpainting) only"
+            )
+
     def defaults(self) -> dict[str, Any]:
         """Settings the model's maker recommends; jobs use them where they set nothing themselves."""
         return {}
@@ -67,14 +75,10 @@ class SingleFile(ModelSource):
         return detect_kind(self.weights.shapes())
 
     def config(self) -> SDConfig:
-        kind = self.kind
-        if not kind.loadable:
-            raise CheckpointError(
-                f"{self.path}: {kind.description}; sdbatch loads SD 1.x checkpoints (normal or 9-channel inpainting) only"
-            )
+        self.require_loadable()
         stored = self.weights.metadata.get(CONFIG_METADATA_KEY)
         if stored is None:
-            return CONFIGS["sd15-inpainting" if kind.name == "sd1-inpainting" else "sd15"]
+            return CONFIGS["sd15-inpainting" if self.kind.name == "sd1-inpainting" else "sd15"]
         try:
             return SDConfig.from_dict(json.loads(stored))
         except (ValueError, TypeError, KeyError) as e:

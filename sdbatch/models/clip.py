@@ -8,8 +8,6 @@ from .common import namespace
 from .configs import CLIPConfig
 
 
-
-
 class CLIPAttention(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()

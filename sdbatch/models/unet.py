@@ -10,8 +10,6 @@ from .common import Upsample
 from .configs import UNetConfig
 
 
-
-
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoids with cos first, as the LDM checkpoints were trained (diffusers: flip_sin_to_cos)."""
     half = dim // 2

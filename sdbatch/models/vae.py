@@ -8,8 +8,6 @@ from .common import Upsample, namespace
 from .configs import VAEConfig
 
 
-
-
 def norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
 

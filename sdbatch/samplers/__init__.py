@@ -60,9 +60,7 @@ SAMPLERS: dict[str, Sampler] = {
 }
 KARRAS = [name for name, s in SAMPLERS.items() if s.karras]
 # every spelling (lower case) -> our name: our names, A1111's names, and the aliases
-SAMPLER_NAMES = {
-    spelling: s.name for s in SAMPLERS.values() for spelling in (s.name, s.a1111.lower(), *s.aliases)
-}
+SAMPLER_NAMES = {spelling: s.name for s in SAMPLERS.values() for spelling in (s.name, s.a1111.lower(), *s.aliases)}
 
 
 def get_sampler(name: str) -> Sampler:

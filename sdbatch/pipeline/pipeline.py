@@ -1,0 +1,296 @@
+"""txt2img, img2img and inpainting with classifier-free guidance, for a batch of recipes at once.
+
+Determinism: every random draw for an image (the VAE's latent sample, the initial noise, each
+ancestral step's noise) comes from a CPU `torch.Generator` seeded with that image's seed alone, in
+the order diffusers uses with a list of CPU generators. So an image does not change with the batch
+it is in, its position, or the device; and it equals diffusers' image for the same seed and weights.
+"""
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..checkpoints import load_model, resolve_model
+from ..errors import InputError
+from ..models import StableDiffusion
+from ..recipe import Recipe
+from ..samplers import NoiseSchedule, get_sampler
+from ..tokenizer import Tokenizer, load_tokenizer
+from . import start
+from .decode import tiled_decode, upcast
+from .guidance import GuidanceRows
+from .images import image_tensor, mask_tensor, to_pil
+
+PROMPT_CACHE_SIZE = 1024
+
+
+class RequestError(InputError):
+    """A request that cannot be rendered as given; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A recipe with its init image and mask opened. The recipe's `init_image` / `mask` name them
+    (a path, or any label for images made in memory), so its mode and batch key stay the recipe's."""
+
+    recipe: Recipe
+    init_image: Image.Image | None = field(default=None, compare=False)
+    mask: Image.Image | None = field(default=None, compare=False)  # white = repaint
+
+    def __post_init__(self) -> None:
+        for name in ("init_image", "mask"):
+            if (getattr(self.recipe, name) is None) != (getattr(self, name) is None):
+                raise RequestError(f"{name}: the recipe and the request must both have one, or neither")
+        self.recipe.check()
+
+
+@dataclass
+class Result:
+    request: Request
+    image: Image.Image | None
+    error: str | None = None  # why no image: NaN/inf latents, say
+    latents: torch.Tensor | None = field(default=None, repr=False)  # (4, h, w) final scaled latents, on CPU
+
+    @property
+    def ok(self) -> bool:
+        return self.image is not None
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How the pipeline uses its device: speed and memory options. None of them changes what an
+    image shows (beyond float rounding, tested), except vae_tile (see below).
+
+    channels_last: NHWC activations for the UNet and VAE (faster convolutions on tensor cores).
+    compile: torch.compile the UNet; compiled once per batch shape and reused (first-call cost in
+        `Pipeline.compile_seconds`).
+    vae_batch: decode at most this many images at a time (less memory for big batches or sizes).
+    vae_tile: decode large latents in overlapping tiles of this many latent cells (64 = 512 px for
+        SD), blended linearly across a quarter-tile overlap, as diffusers' tiled VAE does. Memory
+        stays that of one tile whatever the size; unlike the other options this one can change
+        pixels a little (the VAE's mid-block attention sees one tile, not the image).
+    low_vram: keep the text encoder and VAE on the CPU and move each to the device only while it
+        runs (the seed's idle_device), so a small GPU holds little more than the UNet.
+    """
+
+    channels_last: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False  # with compile: mode "reduce-overhead" (CUDA graphs replay each step)
+    vae_batch: int | None = None
+    low_vram: bool = False
+    vae_tile: int | None = None  # decode latents larger than this many cells per side in tiles
+
+
+class Pipeline:
+    """One model on one device; `render` takes a list of requests with one batch key."""
+
+    def __init__(
+        self,
+        model: StableDiffusion,
+        tokenizer: Tokenizer,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        tuning: Tuning = Tuning(),
+    ):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tuning = tuning
+        self.model = model.eval().requires_grad_(False)
+        idle = torch.device("cpu") if tuning.low_vram else self.device
+        self.model.unet.to(device=self.device, dtype=dtype)
+        self.model.vae.to(device=idle, dtype=dtype)
+        self.model.text_encoder.to(device=idle, dtype=dtype)
+        if tuning.channels_last:
+            self.model.unet.to(memory_format=torch.channels_last)
+            self.model.vae.to(memory_format=torch.channels_last)
+        self.unet: Callable = self.model.unet
+        if tuning.compile:
+            mode = "reduce-overhead" if tuning.cuda_graphs and self.device.type == "cuda" else None
+            self.unet = torch.compile(self.model.unet, dynamic=False, mode=mode)
+        self.compile_seconds: dict[tuple, float] = {}  # batch shape -> first call (compile) time
+        self.tokenizer = tokenizer
+        self.schedule = NoiseSchedule()
+        self.latent_factor = 2 ** (len(model.config.vae.ch_mult) - 1)
+        self.inpainting_model = model.config.unet.in_channels == 9
+        self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        *,
+        vae: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        tuning: Tuning = Tuning(),
+    ) -> "Pipeline":
+        path = resolve_model(path)  # a file, a folder, or a name such as "demo"
+        load_to = "cpu" if tuning.low_vram else device
+        loaded = load_model(path, vae=vae, device=load_to, dtype=dtype)
+        tokenizer = load_tokenizer(path, vocab_size=loaded.config.clip.vocab_size)
+        return cls(loaded.model, tokenizer, device, dtype, tuning)
+
+    @contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """With low_vram, a module visits the device only while it runs."""
+        if not self.tuning.low_vram or self.device.type == "cpu":
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.tuning.channels_last else x
+
+    # -- prompts
+
+    def token_windows(self, text: str) -> torch.Tensor:
+        """(k, 77) ids: the prompt cut into 75-token windows (for SD's 77 positions), each framed by
+        start/end tokens and padded with the end token: long prompts are encoded whole, never cut."""
+        ids = self.tokenizer.tokens(text)
+        chunk = self.model.config.clip.max_positions - 2  # 75 for SD; smaller for the demo model
+        windows = [ids[i : i + chunk] for i in range(0, len(ids), chunk)] or [[]]
+        bos, eos = self.tokenizer.bos, self.tokenizer.eos
+        return torch.tensor([[bos, *w, eos] + [eos] * (chunk - len(w)) for w in windows], dtype=torch.long)
+
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        """(1, 77 * k, width) text embeddings, cached per prompt for this pipeline's model."""
+        if text in self._prompts:
+            self._prompts.move_to_end(text)
+            return self._prompts[text]
+        with torch.inference_mode(), self._on_device(self.model.text_encoder) as encoder:
+            windows = self.token_windows(text).to(next(encoder.parameters()).device)
+            embedding = encoder(windows).reshape(1, -1, self.model.config.clip.width).to(self.device)
+        self._prompts[text] = embedding
+        if len(self._prompts) > PROMPT_CACHE_SIZE:
+            self._prompts.popitem(last=False)
+        return embedding
+
+    # -- rendering: 1. check the batch, 2. noise sources, 3. start, 4. guidance rows, 5. sample, 6. decode
+
+    @torch.inference_mode()
+    def render(self, requests: Sequence[Request]) -> list[Result]:
+        if not requests:
+            return []
+        first = requests[0].recipe
+        if any(r.recipe.batch_key() != first.batch_key() for r in requests):
+            raise RequestError("a batch must share steps, sampler, karras, size, mode and strength")
+        sampler = get_sampler(first.sampler)
+        plan = sampler.plan(self.schedule, first.steps, first.karras)
+        shape = (4, first.height // self.latent_factor, first.width // self.latent_factor)
+        gens = [torch.Generator().manual_seed(r.recipe.seed) for r in requests]
+
+        def draw() -> torch.Tensor:
+            """One standard normal latent per image, from that image's own generator (on CPU)."""
+            return torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(self.device)
+
+        begin = self._start(requests, plan, draw)
+        rows = GuidanceRows(
+            [r.recipe.cfg for r in requests],
+            [(self.encode_prompt(r.recipe.prompt), self._uncond(r.recipe)) for r in requests],
+            self.device,
+        )
+        x = sampler.sample(self._denoiser(rows, begin), begin.x, begin.plan.sigmas, draw, begin.after_step)
+        return self._decode(requests, begin.plan.to_vp(x))
+
+    def _uncond(self, recipe: Recipe) -> torch.Tensor | None:
+        return None if recipe.cfg == 1 else self.encode_prompt(recipe.negative)
+
+    def _start(self, requests: Sequence[Request], plan, draw: Callable[[], torch.Tensor]) -> start.Start:
+        first = requests[0].recipe
+        if first.mode == "txt2img" and not self.inpainting_model:
+            return start.from_noise(plan, draw)
+        w, h = first.width, first.height
+        if first.init_image is None:  # txt2img on an inpainting model: everything is to be painted
+            images = torch.zeros(len(requests), 3, h, w)
+        else:
+            images = torch.cat([image_tensor(r.init_image, w, h) for r in requests])
+        images = images.to(self.device)
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return self._encode(pixels, draw)
+
+        if first.mode == "img2img" and not self.inpainting_model:
+            return start.from_image(plan, draw, encode(images), first.steps, first.strength)
+        masks = torch.cat(
+            [mask_tensor(r.mask, w, h) if r.mask is not None else torch.ones(1, 1, h, w) for r in requests]
+        ).to(self.device)
+        if self.inpainting_model:
+            full = first.mode == "txt2img" or (first.mode == "inpaint" and first.strength == 1.0)
+            return start.inpaint_model(plan, draw, encode, images, masks, full, first.steps, first.strength)
+        return start.inpaint(plan, draw, encode, images, masks, first.steps, first.strength)
+
+    def _encode(self, images: torch.Tensor, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Scaled latents sampled from the VAE posterior, one draw per image from its generator."""
+        with self._on_device(self.model.vae) as vae:
+            mean, logvar = vae.encode(self._layout(images.to(self.dtype)))
+        sample = mean.float() + (0.5 * logvar.float()).exp() * draw()
+        return sample * self.model.config.vae.scale_factor
+
+    def _unet(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """One UNet call; with compile, the first call of each shape is timed (it compiles)."""
+        key = (tuple(x_in.shape), tuple(context.shape))
+        if not self.tuning.compile or key in self.compile_seconds:
+            return self.unet(x_in, t, context)
+        began = time.perf_counter()
+        out = self.unet(x_in, t, context)
+        self.compile_seconds[key] = time.perf_counter() - began
+        return out
+
+    def _denoiser(self, rows: GuidanceRows, begin: start.Start) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """denoised = model(x, i): the guided estimate of the clean latents at step i."""
+        plan, extra = begin.plan, begin.extra
+
+        def model(x: torch.Tensor, i: int) -> torch.Tensor:
+            sigma = plan.sigmas[i].to(self.device)
+            x_in = x / (sigma**2 + 1).sqrt()
+            if extra is not None:
+                x_in = torch.cat([x_in, extra], dim=1)
+            t = plan.timesteps[i].to(self.device)
+
+            def run(latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+                return self._unet(self._layout(latents.to(self.dtype)), t.expand(len(latents)), context)
+
+            return x - sigma * rows.eps(x, x_in, run)
+
+        return model
+
+    def _decode_latents(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        def decode(part: torch.Tensor) -> torch.Tensor:
+            return vae.decode(self._layout(part.to(self.dtype))).float()
+
+        tile = self.tuning.vae_tile
+        if tile is None or max(z.shape[-2:]) <= tile:
+            return decode(z)
+        return tiled_decode(decode, z, tile, max(1, tile // 4), self.latent_factor)
+
+    def _decode(self, requests: Sequence[Request], latents: torch.Tensor) -> list[Result]:
+        z = latents / self.model.config.vae.scale_factor
+        step = self.tuning.vae_batch or len(z)
+        with self._on_device(self.model.vae) as vae:
+            images = torch.cat([self._decode_latents(vae, z[i : i + step]) for i in range(0, len(z), step)])
+            bad = ~torch.isfinite(images).flatten(1).all(dim=1)
+            if bad.any() and self.dtype != torch.float32:
+                # fp16 activations can overflow in the VAE's last up-blocks: decode those in fp32
+                with upcast(vae):
+                    images[bad] = vae.decode(z[bad].float()).float()
+        finite_latents = torch.isfinite(latents).flatten(1).all(dim=1)
+        results: list[Result] = []
+        for k, r in enumerate(requests):
+            final = latents[k].cpu()
+            if not finite_latents[k]:
+                results.append(Result(r, None, "NaN or inf in the latents after sampling", final))
+            elif not torch.isfinite(images[k]).all():
+                results.append(Result(r, None, "NaN or inf in the decoded image", final))
+            else:
+                results.append(Result(r, to_pil(images[k : k + 1])[0], None, final))
+        return results

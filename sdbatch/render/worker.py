@@ -1,0 +1,44 @@
+"""What every backend runs on its device: a pipeline built from a ModelSpec, rendering tasks."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from .devices import Render, Results, with_backoff
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker needs to build its own pipeline: paths and the device, nothing heavy."""
+
+    path: str
+    vae: str | None
+    device: str
+    threads: int | None = None
+    tuning: Any = None  # pipeline.Tuning (imported lazily: this module stays free of torch at import)
+
+
+def build_renderer(spec: ModelSpec) -> Render:
+    """A function from a batch of Tasks to their (image, error) pairs, out-of-memory safe."""
+    import torch
+
+    from ..images import open_image
+    from ..pipeline import Pipeline, Request, Tuning
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    dtype = torch.float16 if spec.device.startswith("cuda") else torch.float32
+    pipeline = Pipeline.from_file(
+        spec.path, vae=spec.vae, device=spec.device, dtype=dtype, tuning=spec.tuning or Tuning()
+    )
+    images: dict[str, Any] = {}
+
+    def image(path: str | None) -> Any:
+        if path is not None and path not in images:
+            images[path] = open_image(path)
+        return None if path is None else images[path]
+
+    def render(batch: list) -> Results:
+        requests = [Request(t.recipe, image(t.recipe.init_image), image(t.recipe.mask)) for t in batch]
+        return [(r.image, r.error) for r in pipeline.render(requests)]
+
+    return with_backoff(render)
