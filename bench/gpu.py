@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import diffusers_scheduler, diffusers_unet, diffusers_vae, for_twin, transformers_clip
+from helpers import diffusers_scheduler, diffusers_unet, diffusers_vae, for_twin, request, transformers_clip
 
 from sdbatch.convert import to_diffusers
 from sdbatch.models import build_model
-from sdbatch.pipeline import FastPath, Pipeline, Request
+from sdbatch.pipeline import Pipeline, Tuning
 from sdbatch.tokenizer import Tokenizer, bundled_tokenizer
 
 PROMPTS = ["a lighthouse at dusk, oil painting", "a red fox in the snow, photograph", "a city street at night"]
@@ -91,7 +91,7 @@ def run_ours(pipe, grid, batch, size, steps, device):
     for i in range(0, len(grid), batch):
         chunk = grid[i : i + batch]
         pipe.render(
-            [Request(p, seed=s, steps=steps, sampler="euler", cfg=7.5, width=size, height=size) for p, s in chunk]
+            [request(p, seed=s, steps=steps, sampler="euler", cfg=7.5, width=size, height=size) for p, s in chunk]
         )
 
 
@@ -145,7 +145,7 @@ def main() -> None:
     shape = (grid, batch, size, steps, device, rows)
     measure("diffusers eager", lambda: diffusers_pipeline(model, cfg, device, dtype, False), run_diffusers, *shape)
     measure("diffusers compiled", lambda: diffusers_pipeline(model, cfg, device, dtype, True), run_diffusers, *shape)
-    fast = FastPath(channels_last=True, compile=True, cuda_graphs=cuda)
+    fast = Tuning(channels_last=True, compile=True, cuda_graphs=cuda)
 
     def make_ours():
         return Pipeline(_copy(model, config), tokenizer, device, dtype, fast)

@@ -33,7 +33,7 @@ PROMPTS = [
 
 
 def sd15_random(folder: Path) -> str:
-    from sdbatch.checkpoint import save_checkpoint
+    from sdbatch.checkpoints import save_checkpoint
     from sdbatch.models import build_model
 
     path = folder / "sd15-random.safetensors"

@@ -155,21 +155,9 @@ class Recipe:
     @classmethod
     def from_a1111(cls, text: str, where: str = "") -> "Recipe":
         """The recipe of an A1111 infotext. A key that would change the picture and that sdbatch
-        cannot reproduce is refused by name (never silently dropped); so is a value out of range."""
-        prompt, negative, pairs = parse_infotext(text)
-        values: dict[str, Any] = {"prompt": prompt, "negative": negative}
-        unknown = [k for k in pairs if k not in _READERS and k not in A1111_IGNORED]
-        if unknown:
-            raise RecipeError(f"{where}sdbatch cannot reproduce these A1111 fields yet: {', '.join(unknown)}")
-        for key, raw in pairs.items():
-            if key in _READERS:
-                try:
-                    values |= _READERS[key](raw)
-                except (TypeError, ValueError) as e:
-                    raise RecipeError(f"{where}{key}: {raw!r}: {e}") from None
-        for required in ("Steps", "Sampler", "CFG scale", "Seed", "Size"):
-            if required not in pairs:
-                raise RecipeError(f"{where}the A1111 parameters lack {required}")
+        cannot reproduce is refused by name (never silently dropped); so is a value out of range,
+        and an img2img image (its infotext does not name its init image)."""
+        values = a1111_values(text, where)
         if values.get("strength") is not None:
             raise RecipeError(f"{where}an A1111 img2img image names no init image; render it from a job file")
         recipe = cls(**values)
@@ -177,6 +165,26 @@ class Recipe:
         if found:
             raise RecipeError(where + "; ".join(found))
         return recipe
+
+
+def a1111_values(text: str, where: str = "") -> dict[str, Any]:
+    """Recipe field values from an A1111 infotext, through `A1111_KEYS`; RecipeError naming every
+    key that would change the picture and has no field yet, or a value that does not parse."""
+    prompt, negative, pairs = parse_infotext(text)
+    values: dict[str, Any] = {"prompt": prompt, "negative": negative}
+    unknown = [k for k in pairs if k not in _READERS and k not in A1111_IGNORED]
+    if unknown:
+        raise RecipeError(f"{where}sdbatch cannot reproduce these A1111 fields yet: {', '.join(unknown)}")
+    for required in ("Steps", "Sampler", "CFG scale", "Seed", "Size"):
+        if required not in pairs:
+            raise RecipeError(f"{where}the A1111 parameters lack {required}")
+    for key, raw in pairs.items():
+        if key in _READERS:
+            try:
+                values |= _READERS[key](raw)
+            except (TypeError, ValueError) as e:
+                raise RecipeError(f"{where}{key}: {raw!r}: {e}") from None
+    return values
 
 
 _ID_V1 = ("prompt", "negative", "init_image", "mask", "size", "sampler", "karras", "steps", "strength", "cfg", "seed")

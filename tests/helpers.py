@@ -115,3 +115,21 @@ def diffusers_scheduler(name: str, karras: bool, steps: int | None = None):
         ref.set_timesteps(steps)
         sched.sigmas, sched.timesteps = ref.sigmas.clone(), ref.timesteps.clone()
     return sched
+
+
+def request(prompt: str, *, width: int, height: int, init_image=None, mask=None, strength=None, **fields):
+    """A pipeline Request from recipe fields, with images made in memory (named by a label)."""
+    from sdbatch.pipeline import Request
+    from sdbatch.recipe import Recipe
+
+    if init_image is not None and strength is None:
+        strength = 0.75
+    recipe = Recipe(
+        prompt=prompt,
+        size=(width, height),
+        init_image=None if init_image is None else "<init image>",
+        mask=None if mask is None else "<mask>",
+        strength=strength,
+        **fields,
+    )
+    return Request(recipe, init_image, mask)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from sdbatch import __version__
-from sdbatch.checkpoint import model_hash, save_checkpoint
+from sdbatch.checkpoints import model_hash, save_checkpoint
 
 
 def sdbatch(*args: str) -> subprocess.CompletedProcess:

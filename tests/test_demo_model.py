@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPORT
+from helpers import request
 from PIL import Image
 
-from sdbatch.checkpoint import model_defaults, resolve_model
+from sdbatch.checkpoints import model_defaults, resolve_model
 from sdbatch.demo import data
 from sdbatch.demo.judge import background, foreground, judge
-from sdbatch.jobs import DEFAULTS
 from sdbatch.pipeline import Pipeline, Request, image_tensor, to_pil
+from sdbatch.recipe import DEFAULTS
 
 SEEDS = range(8)
 # what a job that sets nothing renders with: the job defaults and the model's recommended CFG
@@ -47,7 +48,7 @@ def render(pipe: Pipeline, requests: list[Request], batch: int = 64) -> list[Ima
 def adherence(pipe: Pipeline, cfg: float) -> tuple[float, float]:
     cases = [(c, s, seed) for c in data.COLOURS for s in data.SHAPES for seed in SEEDS]
     requests = [
-        Request(prompt(c, s), seed=seed, steps=STEPS, cfg=cfg, sampler=SAMPLER, width=32, height=32)
+        request(prompt(c, s), seed=seed, steps=STEPS, cfg=cfg, sampler=SAMPLER, width=32, height=32)
         for c, s, seed in cases
     ]
     verdicts = [judge(im) for im in render(pipe, requests)]
@@ -96,7 +97,7 @@ def test_img2img_low_strength_stays_close_high_strength_follows_the_prompt(demo)
         return render(
             demo,
             [
-                Request(prompt, seed=s, steps=STEPS, cfg=CFG, init_image=init, strength=strength, width=32, height=32)
+                request(prompt, seed=s, steps=STEPS, cfg=CFG, init_image=init, strength=strength, width=32, height=32)
                 for s in SEEDS
             ],
         )
@@ -127,7 +128,7 @@ def test_inpainting_repaints_the_masked_half_only(demo):
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (0, 0, 16, 32))  # the left half is repainted
     requests = [
-        Request(
+        request(
             "a big yellow square in the middle, blue background",
             seed=s,
             steps=STEPS,
@@ -161,8 +162,8 @@ def test_inpainting_repaints_the_masked_half_only(demo):
 
 
 def test_same_request_twice_gives_the_same_pixels(demo):
-    request = Request("a small green triangle on the left, white background", seed=42, steps=STEPS, width=32, height=32)
-    a, b = render(demo, [request]), render(demo, [request])
+    req = request("a small green triangle on the left, white background", seed=42, steps=STEPS, width=32, height=32)
+    a, b = render(demo, [req]), render(demo, [req])
     assert a[0].tobytes() == b[0].tobytes()
-    other = render(demo, [Request(request.prompt, seed=43, steps=STEPS, width=32, height=32)])
+    other = render(demo, [request(req.recipe.prompt, seed=43, steps=STEPS, width=32, height=32)])
     assert other[0].tobytes() != a[0].tobytes()

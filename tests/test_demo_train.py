@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sdbatch.checkpoint import load_model
+from sdbatch.checkpoints import load_model
 from sdbatch.demo import train
 from sdbatch.tokenizer import load_tokenizer
 

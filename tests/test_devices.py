@@ -15,9 +15,9 @@ import torch
 from conftest import REPORT
 from PIL import Image
 
-from sdbatch.devices import parse_devices, with_backoff
 from sdbatch.errors import InputError
 from sdbatch.jobs import load_job
+from sdbatch.render import parse_devices, with_backoff
 from sdbatch.runner import Options, Reporter, run_job
 
 JOB = """

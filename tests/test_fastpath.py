@@ -3,19 +3,20 @@
 import numpy as np
 import pytest
 from conftest import make_tiny
+from helpers import request
 from test_pipeline import gradient_image, half_mask
 
-from sdbatch.pipeline import FastPath, Pipeline, Request
+from sdbatch.pipeline import Pipeline, Request, Tuning
 from sdbatch.tokenizer import Tokenizer, bundled_tokenizer
 
 
-def pipe(fast: FastPath | None = None, config: str = "tiny") -> Pipeline:
-    return Pipeline(make_tiny(config), Tokenizer(bundled_tokenizer(), "bundled"), fast=fast or FastPath())
+def pipe(fast: Tuning | None = None, config: str = "tiny") -> Pipeline:
+    return Pipeline(make_tiny(config), Tokenizer(bundled_tokenizer(), "bundled"), tuning=fast or Tuning())
 
 
 def requests() -> list[Request]:
     return [
-        Request("a red circle", seed=s, steps=4, cfg=c, width=64, height=48) for s, c in ((1, 7.5), (2, 1.0), (3, 4))
+        request("a red circle", seed=s, steps=4, cfg=c, width=64, height=48) for s, c in ((1, 7.5), (2, 1.0), (3, 4))
     ]
 
 
@@ -23,9 +24,9 @@ def img2img() -> list[Request]:
     init = gradient_image(0).resize((64, 48))
     mask = half_mask().resize((64, 48))
     return [
-        Request("a cat", seed=5, steps=6, width=64, height=48, init_image=init, strength=0.6),
-        Request("a dog", seed=6, steps=6, width=64, height=48, init_image=init, strength=0.6),
-    ], [Request("a dog", seed=7, steps=6, width=64, height=48, init_image=init, mask=mask, strength=0.8)]
+        request("a cat", seed=5, steps=6, width=64, height=48, init_image=init, strength=0.6),
+        request("a dog", seed=6, steps=6, width=64, height=48, init_image=init, strength=0.6),
+    ], [request("a dog", seed=7, steps=6, width=64, height=48, init_image=init, mask=mask, strength=0.8)]
 
 
 def pixels(p: Pipeline, reqs: list[Request]) -> np.ndarray:
@@ -42,10 +43,10 @@ def reference() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize(
     "fast",
     [
-        FastPath(channels_last=True),
-        FastPath(vae_batch=1),
-        FastPath(low_vram=True),
-        FastPath(True, False, False, 2, True),
+        Tuning(channels_last=True),
+        Tuning(vae_batch=1),
+        Tuning(low_vram=True),
+        Tuning(True, False, False, 2, True),
     ],
     ids=["channels_last", "vae_batch", "low_vram", "all"],
 )
@@ -57,7 +58,7 @@ def test_fast_path_options_keep_the_images(reference, fast):
 
 
 def test_compile_works_on_cpu_and_is_reused(reference):
-    p = pipe(FastPath(compile=True))
+    p = pipe(Tuning(compile=True))
     got = pixels(p, requests())
     assert np.abs(got - reference["txt2img"]).max() <= 2
     shapes = dict(p.compile_seconds)
@@ -90,8 +91,8 @@ def test_tiled_vae_decode_is_as_faithful_as_a_whole_decode():
 
 
 def test_pipeline_uses_tiles_only_when_latents_are_larger():
-    p_tiled, p_whole = pipe(FastPath(vae_tile=4)), pipe()
-    small = [Request("a cat", seed=1, steps=2, width=32, height=32)]  # 4x4 latents: one tile, unchanged
+    p_tiled, p_whole = pipe(Tuning(vae_tile=4)), pipe()
+    small = [request("a cat", seed=1, steps=2, width=32, height=32)]  # 4x4 latents: one tile, unchanged
     assert np.array_equal(pixels(p_tiled, small), pixels(p_whole, small))
-    big = [Request("a cat", seed=1, steps=2, width=64, height=48)]
+    big = [request("a cat", seed=1, steps=2, width=64, height=48)]
     assert pixels(p_tiled, big).shape == pixels(p_whole, big).shape == (1, 48, 64, 3)

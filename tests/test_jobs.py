@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sdbatch.jobs import JobError, RangeError, load_job, parse_job, parse_range, with_model_defaults
+from sdbatch.jobs import JobError, RangeError, Task, draw_randoms, load_job, parse_job, parse_range
 
 
 def job(tmp_path: Path, text: str, name: str = "job.yaml"):
@@ -18,8 +18,11 @@ def job(tmp_path: Path, text: str, name: str = "job.yaml"):
     return load_job(path)
 
 
-def tasks_of(j, size: int = 32):
-    return with_model_defaults(j, size).expand("model-sha")
+def tasks_of(j, size: int = 32, model_id: str = "model-sha", randoms: dict | None = None) -> list[Task]:
+    """The job's tasks with ids, as the plan makes them (the model's size and a 7.5 CFG)."""
+    randoms = randoms if randoms is not None else draw_randoms(j.random_slots(), {})
+    recipes = j.expand(randoms, size, 7.5)
+    return [Task(i, run, r.task_id(model_id, lambda p: p), r) for i, (run, r) in enumerate(recipes)]
 
 
 def errors(tmp_path: Path, text: str) -> list[str]:
@@ -107,14 +110,14 @@ def test_ranges_in_a_job_and_size_forms(tmp_path):
 
 
 def test_random_seeds_are_drawn_once_and_reused_when_recorded(tmp_path):
-    j = with_model_defaults(job(tmp_path, "prompt: p\nseed: random [3]\n"), 32)
+    j = job(tmp_path, "prompt: p\nseed: random [3]\n")
     slots = j.random_slots()
     assert slots == {"run0.seed": 3}
-    first = j.expand("m")
+    first = tasks_of(j)
     assert len({t.seed for t in first}) == 3
     recorded = {"run0.seed": [t.seed for t in first]}
-    assert [t.seed for t in j.expand("m", recorded)] == recorded["run0.seed"]
-    assert [t.id for t in j.expand("m", recorded)] == [t.id for t in first]
+    assert [t.seed for t in tasks_of(j, randoms=recorded)] == recorded["run0.seed"]
+    assert [t.id for t in tasks_of(j, randoms=recorded)] == [t.id for t in first]
 
 
 def test_prompt_file_one_prompt_per_line(tmp_path):
@@ -137,7 +140,7 @@ def test_task_ids_are_stable_and_depend_on_model_and_recipe(tmp_path):
     a = tasks_of(job(tmp_path, "prompt: p\nseed: [1, 2]\n"))
     b = tasks_of(job(tmp_path, "prompt: [other, p]\nseed: [1, 2]\n"))
     assert [t.id for t in a] == [t.id for t in b[2:]]  # same recipe, same id, whatever the index
-    c = with_model_defaults(job(tmp_path, "prompt: p\nseed: [1, 2]\n"), 32).expand("another-model")
+    c = tasks_of(job(tmp_path, "prompt: p\nseed: [1, 2]\n"), model_id="another-model")
     assert not {t.id for t in a} & {t.id for t in c}
 
 
@@ -300,6 +303,6 @@ def test_random_yaml_gives_a_plan_or_a_job_error(tmp_path, data):
     except JobError as e:
         assert e.problems and all(p.message for p in e.problems)
         return
-    tasks = with_model_defaults(j, 32).expand("m")
+    tasks = tasks_of(j)
     assert len(tasks) >= 1
     assert all(t.steps >= 1 and 0 <= t.seed < 2**64 and t.width % 8 == 0 for t in tasks)

@@ -6,36 +6,21 @@ from pathlib import Path
 from PIL import Image
 
 from sdbatch.jobs import Task
-from sdbatch.output import (
-    Manifest,
-    a1111_parameters,
-    build_sheets,
-    file_name,
-    parse_a1111_parameters,
-    png_bytes,
-    read_png_text,
-    sheet_axes,
-    slug,
-)
+from sdbatch.output.a1111 import parse_a1111_parameters
+from sdbatch.output.manifest import Manifest
+from sdbatch.output.names import file_name, slug
+from sdbatch.output.png import png_bytes, read_png_text
+from sdbatch.output.sheets import build_sheets, sheet_axes
+from sdbatch.recipe import Recipe
 
 
 def task(**kw) -> Task:
-    base = dict(
-        index=3,
-        run=0,
-        prompt="a red circle",
-        negative="",
-        seed=5,
-        steps=20,
-        sampler="euler_a",
-        karras=False,
-        cfg=7.0,
-        strength=None,
-        width=32,
-        height=32,
-        id="0123456789abcdef",
-    )
-    return Task(**(base | kw))
+    base = dict(prompt="a red circle", seed=5, steps=20, sampler="euler_a", cfg=7.0, size=(32, 32))
+    return Task(3, 0, "0123456789abcdef", Recipe(**(base | kw)))
+
+
+def a1111_parameters(t: Task, model_hash: str, model_name: str, version: str) -> str:
+    return t.recipe.to_a1111({"Model hash": model_hash, "Model": model_name}, version)
 
 
 def test_parameters_text_is_a1111s_format():
@@ -45,7 +30,9 @@ def test_parameters_text_is_a1111s_format():
         "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 32x32, Model hash: abcdef1234, "
         "Model: demo, Version: sdbatch 0.1.0"
     )
-    img2img = a1111_parameters(task(sampler="dpmpp_2m", karras=True, strength=0.3, cfg=7.5), "h", "m", "v")
+    img2img = a1111_parameters(
+        task(sampler="dpmpp_2m", karras=True, init_image="a.png", strength=0.3, cfg=7.5), "h", "m", "v"
+    )
     assert img2img.endswith(
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 5, Size: 32x32, "
         "Model hash: h, Model: m, Denoising strength: 0.3, Version: sdbatch v"

@@ -6,11 +6,13 @@ import pytest
 import torch
 from conftest import make_tiny
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-from helpers import diffusers_scheduler
+from helpers import diffusers_scheduler, request
 from PIL import Image
 from test_models import carried
 
+from sdbatch.errors import InputError
 from sdbatch.pipeline import Pipeline, Request, RequestError, image_tensor, mask_tensor, to_rgb
+from sdbatch.recipe import Recipe, RecipeError
 from sdbatch.tokenizer import Tokenizer, bundled_tokenizer
 
 W, H = 64, 48  # not square on purpose: latents 8 x 6
@@ -76,7 +78,7 @@ def assert_close(a: np.ndarray, b: np.ndarray, tol: float = 2.0) -> None:
 def test_txt2img_matches_diffusers(sampler, cfg):
     pipe = ours()
     requests = [
-        Request(p, seed=s, steps=6, sampler=sampler, cfg=cfg, width=W, height=H)
+        request(p, seed=s, steps=6, sampler=sampler, cfg=cfg, width=W, height=H)
         for p, s in zip(PROMPTS, SEEDS, strict=True)
     ]
     mine = pixels([r.image for r in pipe.render(requests)])
@@ -91,7 +93,7 @@ def test_img2img_matches_diffusers(sampler, strength):
     pipe = ours()
     inits = [gradient_image(s) for s in SEEDS]
     requests = [
-        Request(p, seed=s, steps=8, sampler=sampler, cfg=6.0, width=W, height=H, init_image=i, strength=strength)
+        request(p, seed=s, steps=8, sampler=sampler, cfg=6.0, width=W, height=H, init_image=i, strength=strength)
         for p, s, i in zip(PROMPTS, SEEDS, inits, strict=True)
     ]
     mine = pixels([r.image for r in pipe.render(requests)])
@@ -121,7 +123,7 @@ def test_inpaint_matches_diffusers(config, sampler, strength):
     inits = [gradient_image(s) for s in SEEDS]
     masks = [half_mask(left=bool(k % 2)) for k in range(len(SEEDS))]
     requests = [
-        Request(
+        request(
             p, seed=s, steps=7, sampler=sampler, cfg=7.5, width=W, height=H, init_image=i, mask=m, strength=strength
         )
         for p, s, i, m in zip(PROMPTS, SEEDS, inits, masks, strict=True)
@@ -149,12 +151,12 @@ def test_inpaint_matches_diffusers(config, sampler, strength):
 def mixed_requests() -> list[Request]:
     long_prompt = ", ".join(f"detail number {k}" for k in range(40))  # about 120 tokens: two windows
     return [
-        Request("a red circle", seed=1, steps=5, cfg=7.5, width=W, height=H),
-        Request("a red circle", seed=2, steps=5, cfg=3.0, width=W, height=H),
-        Request("a blue square", negative="blurry", seed=1, steps=5, cfg=1.0, width=W, height=H),
-        Request(long_prompt, seed=7, steps=5, cfg=9.0, width=W, height=H),
-        Request("a green triangle", negative=long_prompt, seed=2**63 + 5, steps=5, cfg=5.0, width=W, height=H),
-        Request("", seed=99, steps=5, cfg=7.5, width=W, height=H),
+        request("a red circle", seed=1, steps=5, cfg=7.5, width=W, height=H),
+        request("a red circle", seed=2, steps=5, cfg=3.0, width=W, height=H),
+        request("a blue square", negative="blurry", seed=1, steps=5, cfg=1.0, width=W, height=H),
+        request(long_prompt, seed=7, steps=5, cfg=9.0, width=W, height=H),
+        request("a green triangle", negative=long_prompt, seed=2**63 + 5, steps=5, cfg=5.0, width=W, height=H),
+        request("", seed=99, steps=5, cfg=7.5, width=W, height=H),
     ]
 
 
@@ -180,11 +182,11 @@ def test_two_runs_give_identical_pixels():
 def test_seed_changes_the_image_and_only_the_seed_matters():
     pipe = ours()
     a, b = pipe.render(
-        [Request("a cat", seed=1, steps=4, width=W, height=H), Request("a cat", seed=2, steps=4, width=W, height=H)]
+        [request("a cat", seed=1, steps=4, width=W, height=H), request("a cat", seed=2, steps=4, width=W, height=H)]
     )
     assert a.image.tobytes() != b.image.tobytes()
     again = pipe.render(
-        [Request("a dog", seed=5, steps=4, width=W, height=H), Request("a cat", seed=1, steps=4, width=W, height=H)]
+        [request("a dog", seed=5, steps=4, width=W, height=H), request("a cat", seed=1, steps=4, width=W, height=H)]
     )
     assert again[1].image.tobytes() == a.image.tobytes()
 
@@ -199,7 +201,7 @@ def test_inpainting_with_a_normal_model_keeps_the_known_latents():
     for strength in (1.0, 0.5):
         result = pipe.render(
             [
-                Request(
+                request(
                     "a cat",
                     seed=8,
                     steps=6,
@@ -269,7 +271,7 @@ def test_init_images_in_any_mode_are_converted(mode):
             np.abs(np.asarray(rgb.convert("L"), np.int16) - np.asarray(gradient_image(2).convert("L"), np.int16)).max()
             <= 1
         )
-    result = ours().render([Request("a cat", seed=1, steps=3, width=W, height=H, init_image=image, strength=0.5)])[0]
+    result = ours().render([request("a cat", seed=1, steps=3, width=W, height=H, init_image=image, strength=0.5)])[0]
     assert result.ok
 
 
@@ -281,34 +283,40 @@ def test_transparent_pixels_become_white():
 def test_init_image_of_the_same_shape_is_resized_another_shape_refused():
     big = gradient_image(1).resize((W * 2, H * 2))
     assert image_tensor(big, W, H).shape == (1, 3, H, W)
-    with pytest.raises(RequestError, match=r"init_image is 64x64 but the size asked for is 64x48: the aspect ratios"):
+    with pytest.raises(InputError, match=r"init_image is 64x64 but the size asked for is 64x48: the aspect ratios"):
         image_tensor(Image.new("RGB", (64, 64)), W, H)
-    with pytest.raises(RequestError, match=r"mask is 64x64"):
+    with pytest.raises(InputError, match=r"mask is 64x64"):
         mask_tensor(Image.new("L", (64, 64)), W, H)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"width": 500}, "width must be a positive multiple of 8, got 500"),
-        ({"height": 0}, "height must be a positive multiple of 8, got 0"),
-        ({"steps": 0}, "steps must be at least 1"),
+        ({"size": (500, 64)}, "size: 500x64: each side must be a multiple of 8"),
+        ({"size": (64, 0)}, "size: 64x0: each side must be a multiple of 8"),
+        ({"steps": 0}, "steps: 0 is out of range: must be from 1 to 1000"),
         ({"sampler": "lms"}, "unknown sampler 'lms'"),
-        ({"sampler": "ddpm", "karras": True}, "karras applies to"),
-        ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
-        ({"mask": Image.new("L", (8, 8))}, "a mask needs an init_image"),
-        ({"init_image": Image.new("RGB", (8, 8)), "strength": 0.01}, "runs no step at all"),
-        ({"seed": -1}, r"seed must be in \[0, 2\*\*64\)"),
+        ({"sampler": "ddpm", "karras": True}, "karras does not apply to ddpm"),
+        ({"init_image": "a.png", "strength": 1.5}, r"strength: 1.5 is out of range: must be above 0 and at most 1"),
+        ({"mask": "m.png"}, "a mask needs an init_image"),
+        ({"init_image": "a.png", "strength": 0.01}, "runs no step at all"),
+        ({"seed": -1}, r"seed: -1 is out of range"),
+        ({"strength": 0.5}, "strength: applies to images with an init_image"),
     ],
 )
-def test_bad_requests_are_refused(kwargs, message):
-    with pytest.raises(RequestError, match=message):
-        Request("a cat", **kwargs)
+def test_bad_recipes_are_refused(kwargs, message):
+    with pytest.raises(RecipeError, match=message):
+        Recipe("a cat", **kwargs).check()
+
+
+def test_a_request_needs_the_images_its_recipe_names():
+    with pytest.raises(RequestError, match="init_image"):
+        Request(Recipe("a cat", init_image="a.png", strength=0.5))
 
 
 def test_incompatible_batch_is_refused():
     with pytest.raises(RequestError, match="a batch must share"):
-        ours().render([Request("a", steps=4, width=W, height=H), Request("b", steps=5, width=W, height=H)])
+        ours().render([request("a", steps=4, width=W, height=H), request("b", steps=5, width=W, height=H)])
 
 
 def test_nan_latents_fail_that_image_only(monkeypatch):
@@ -323,8 +331,8 @@ def test_nan_latents_fail_that_image_only(monkeypatch):
     monkeypatch.setattr(pipe.model.unet, "forward", poisoned)
     results = pipe.render(
         [
-            Request("a", seed=1, steps=3, cfg=1, width=W, height=H),
-            Request("b", seed=2, steps=3, cfg=1, width=W, height=H),
+            request("a", seed=1, steps=3, cfg=1, width=W, height=H),
+            request("b", seed=2, steps=3, cfg=1, width=W, height=H),
         ]
     )
     assert not results[0].ok and results[0].error == "NaN or inf in the latents after sampling"
@@ -343,7 +351,7 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(monkeypatch):
         return out if z.dtype == torch.float32 else torch.full_like(out, float("inf"))
 
     monkeypatch.setattr(vae, "decode", overflowing)
-    result = pipe.render([Request("a cat", seed=1, steps=3, width=W, height=H)])[0]
+    result = pipe.render([request("a cat", seed=1, steps=3, width=W, height=H)])[0]
     assert result.ok
     assert calls == [torch.bfloat16, torch.float32]
     assert next(vae.parameters()).dtype == torch.bfloat16  # given back its dtype
@@ -351,9 +359,9 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_renders_close_to_fp32(dtype):
-    request = Request("a red circle", seed=4, steps=4, width=W, height=H)
-    full = pixels([ours().render([request])[0].image])
-    half = ours(dtype=dtype).render([request])[0]
+    req = request("a red circle", seed=4, steps=4, width=W, height=H)
+    full = pixels([ours().render([req])[0].image])
+    half = ours(dtype=dtype).render([req])[0]
     assert half.ok
     assert {p.dtype for p in ours(dtype=dtype).model.parameters()} == {dtype}
     assert np.abs(pixels([half.image]) - full).mean() < 12
@@ -371,8 +379,8 @@ def test_cfg_1_skips_the_unconditional_rows(monkeypatch):
     monkeypatch.setattr(pipe.model.unet, "forward", counting)
     pipe.render(
         [
-            Request("a", seed=1, steps=2, cfg=1.0, width=W, height=H),
-            Request("b", seed=2, steps=2, cfg=7.0, width=W, height=H),
+            request("a", seed=1, steps=2, cfg=1.0, width=W, height=H),
+            request("b", seed=2, steps=2, cfg=7.0, width=W, height=H),
         ]
     )
     assert rows == [3, 3]  # one row for the CFG-1 request, two (cond + uncond) for the other, one call per step

@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from sdbatch.jobs import load_job
-from sdbatch.output import output_lock, parse_a1111_parameters, read_png_text
+from sdbatch.output.a1111 import parse_a1111_parameters
+from sdbatch.output.manifest import output_lock
+from sdbatch.output.png import read_png_text
 from sdbatch.runner import Options, Reporter, run_job
 
 ROOT = Path(__file__).resolve().parent.parent

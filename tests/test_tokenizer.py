@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from sdbatch import tokenizer as tok_module
-from sdbatch.checkpoint import save_checkpoint
+from sdbatch.checkpoints import save_checkpoint
 from sdbatch.tokenizer import TokenizerError, bundled_tokenizer, load_tokenizer
 
 PHOTO_OF_A_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -86,6 +86,12 @@ class Task:
     id: str
     recipe: Recipe
 
+    def __getattr__(self, name: str) -> Any:
+        """`task.seed` reads the recipe's seed: a task is its recipe, placed in a job."""
+        if name.startswith("__") or name == "recipe":
+            raise AttributeError(name)
+        return getattr(self.recipe, name)
+
 
 @dataclass
 class Job:
