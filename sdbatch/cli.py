@@ -3,6 +3,8 @@ One error boundary (`_guard`) turns every expected failure into one line and its
 (sdbatch.errors): 2 bad input, 75 output folder locked, 130 interrupted.
 """
 
+import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,9 +13,19 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
-from . import __version__
+from . import __version__, report
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, InputError, OutputLocked
+from .jobs import AXES, load_job
+from .output.a1111 import parse_a1111_parameters
+from .output.names import file_name
+from .output.png import read_png_text
+from .output.sheets import make_sheets
+from .plan import RANDOMS, ModelInfo, plan_job
+from .recipe import FIELDS
+from .rerun import rerun_image
+from .runner import Options, run_job
 
 app = typer.Typer(
     help="Batch renderer for Stable Diffusion v1.x: YAML sweeps, every device busy, reproducible images.",
@@ -94,9 +106,6 @@ OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Output f
 @app.command()
 def validate(job_file: JobArg) -> None:
     """Check a job file, its model's header, images and prompt files; render nothing. Exit 2 on any problem."""
-    from .jobs import load_job
-    from .plan import ModelInfo
-
     with _guard():
         job = load_job(job_file)
         model = ModelInfo.of(job.model, job.vae)
@@ -113,12 +122,6 @@ def plan(
     show: Annotated[int, typer.Option(help="How many tasks to list.")] = 20,
 ) -> None:
     """Print the expanded plan: values per axis, the first tasks, and how many are already done."""
-    from rich.table import Table
-
-    from .jobs import AXES, load_job
-    from .output.names import file_name
-    from .plan import RANDOMS, plan_job
-
     with _guard():
         p = plan_job(load_job(job_file), output)
     counts = {axis: len({repr(getattr(t.recipe, axis)) for t in p.tasks}) for axis in AXES}
@@ -180,9 +183,6 @@ def run(
 ) -> None:
     """Render a job. Finished images are skipped, so running it again resumes. Exit codes: 0 done,
     1 some images failed, 2 bad input, 75 output folder in use by another run, 130 interrupted."""
-    from .jobs import load_job
-    from .runner import Options, run_job
-
     reporter = _reporter(quiet, log_json)
     try:
         with _guard():
@@ -205,8 +205,6 @@ def run(
 
 
 def _reporter(quiet: bool, log_json: bool):
-    from . import report
-
     if log_json:
         return report.JsonReporter()
     if quiet:
@@ -224,8 +222,6 @@ def _tuning(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile)
 def _shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
-    import re
-
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not m or not 0 <= int(m[1]) < int(m[2]):
         raise InputError(f"--shard {text!r}: write i/n with 0 <= i < n, e.g. --shard 0/4")
@@ -235,12 +231,6 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 @app.command()
 def inspect(image: Annotated[Path, typer.Argument(help="A PNG written by sdbatch or A1111.")]) -> None:
     """Print the recipe stored in an image (sdbatch's own, else A1111's parameters text)."""
-    import json
-
-    from .output.a1111 import parse_a1111_parameters
-    from .output.png import read_png_text
-    from .recipe import FIELDS
-
     with _guard():
         text = read_png_text(image)
         if "sdbatch" in text:
@@ -270,8 +260,6 @@ def rerun(
     devices: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1.")] = "auto",
 ) -> None:
     """Render an image again from the recipe it carries, into another folder, under the same name."""
-    from .rerun import rerun_image
-
     with _guard():
         path = rerun_image(image, output, model=model, device=devices)
     _say(f"wrote {path}")
@@ -280,8 +268,6 @@ def rerun(
 @app.command()
 def sheets(folder: Annotated[Path, typer.Argument(help="An output folder with a manifest.")]) -> None:
     """(Re)build the contact sheets of an output folder, e.g. after all shards of a job are done."""
-    from .output.sheets import make_sheets
-
     with _guard():
         if not any(folder.glob("manifest*.jsonl")):
             raise InputError(f"{folder}: no manifest.jsonl here; is it an sdbatch output folder?")

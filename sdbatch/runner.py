@@ -25,6 +25,7 @@ from .output.manifest import Manifest, finished, lock_name, manifest_name, outpu
 from .output.png import png_bytes
 from .output.sheets import JOB_RECORD, make_sheets
 from .plan import RANDOMS, JobPlan, ModelInfo, plan_job, read_json
+from .render import auto_batch_size, inline_executor, make_executor
 
 WRITERS = 4  # threads encoding and writing PNGs
 WRITE_BACKLOG = 256  # images rendered but not yet written, at most
@@ -171,8 +172,6 @@ def _all_done(plan: JobPlan) -> bool:
 
 
 def _executor(plan: JobPlan, options: Options, render: Callable | None, note: Callable[[str], None]):
-    from .render import inline_executor, make_executor
-
     if render is not None:
         return inline_executor(render)
     devices = options.device if options.device != "auto" else plan.job.devices
@@ -247,8 +246,6 @@ def _render_all(plan: JobPlan, todo: list[Task], options, reporter: Reporter, su
 def _batches(plan: JobPlan, todo: list[Task], options: Options, device: str) -> Iterator[list[Task]]:
     """Compatible tasks of each run (one recipe batch key) in batches, in order of each group's
     first task."""
-    from .render import auto_batch_size
-
     for run in plan.job.runs:
         size = int(options.batch_size or (run.batch_size if run.batch_size != "auto" else auto_batch_size(device)))
         groups: dict[tuple, list[Task]] = {}

@@ -18,6 +18,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -178,6 +179,16 @@ class Trainer:
         self.diffusion_opt.step()
         return loss.item()
 
+    def run_phase(self, progress, label: str, total: int, step: Callable[[], float]) -> None:
+        """Steps of one phase from where the state left off, saved every `save_every` steps."""
+        task = progress.add_task(label, total=total, completed=self.step, loss=0.0)
+        while self.step < total:
+            loss = step()
+            self.step += 1
+            self.report(progress, task, loss)
+            if self.step % self.args.save_every == 0:
+                self.save_state()
+
     def report(self, progress: Progress, task: int, loss: float) -> None:
         """The bar on a terminal; a plain line every 50 steps elsewhere (nohup, CI logs)."""
         progress.update(task, advance=1, loss=loss)
@@ -195,28 +206,16 @@ class Trainer:
         ]
         with Progress(*columns, disable=self.args.quiet) as progress:
             if self.phase == "vae":
-                task = progress.add_task("VAE", total=self.args.vae_steps, completed=self.step, loss=0.0)
                 self.model.vae.train()
-                while self.step < self.args.vae_steps:
-                    loss = self.vae_step()
-                    self.step += 1
-                    self.report(progress, task, loss)
-                    if self.step % self.args.save_every == 0:
-                        self.save_state()
+                self.run_phase(progress, "VAE", self.args.vae_steps, self.vae_step)
                 self.vae_opt.zero_grad(set_to_none=True)
                 self.set_scale_factor()
                 self.phase, self.step = "unet", 0
                 self.save_state()
-            task = progress.add_task("UNet + text encoder", total=self.args.steps, completed=self.step, loss=0.0)
             self.model.vae.eval().requires_grad_(False)
             self.model.unet.train()
             self.model.text_encoder.train()
-            while self.step < self.args.steps:
-                loss = self.diffusion_step()
-                self.step += 1
-                self.report(progress, task, loss)
-                if self.step % self.args.save_every == 0:
-                    self.save_state()
+            self.run_phase(progress, "UNet + text encoder", self.args.steps, self.diffusion_step)
         self.save_state()
         return self.export(time.monotonic() - started)
 

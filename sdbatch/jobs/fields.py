@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 from ..recipe import DEFAULTS, FIELDS, RULES
 from ..samplers import SAMPLER_NAMES, SAMPLERS
 from .ranges import MAX_AXIS_VALUES, RangeError, parse_range
@@ -96,8 +98,6 @@ def _image(item: Any, ctx: Context) -> list:
     path = (ctx.base / item).resolve()
     if not path.is_file():
         raise ValueError(f"image {path} does not exist")
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             ctx.image_sizes[str(path)] = im.size

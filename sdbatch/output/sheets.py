@@ -142,6 +142,30 @@ def _values(entries: list[dict], axis: str | None) -> list:
     return list(seen.values())
 
 
+@dataclass
+class _Grid:
+    """Cell and margin sizes of one sheet, in pixels."""
+
+    cw: int
+    ch: int
+    label_w: int
+    header_h: int
+
+
+def _grid(folder: Path, first: dict, spec: SheetSpec, columns: int, rows: int) -> _Grid:
+    """Cells as large as the images (tiny ones enlarged), shrunk to fit SHEET_MAX_SIDE but never
+    below SHEET_MIN_CELL: a grid that still does not fit is split into parts."""
+    with Image.open(folder / first["file"]) as im:
+        iw, ih = im.size
+    scale = max(1, -(-SHEET_MIN_UPSCALE // max(iw, ih)))  # integer upscale for tiny images
+    cw, ch = iw * scale, ih * scale
+    label_w, header_h = max(160, cw) if spec.y else 0, 40 + (56 if spec.x else 0)
+    shrink = min(1.0, (SHEET_MAX_SIDE - label_w) / (cw * columns), (SHEET_MAX_SIDE - header_h) / (ch * rows))
+    if min(cw, ch) * shrink < SHEET_MIN_CELL:
+        shrink = SHEET_MIN_CELL / min(cw, ch)
+    return _Grid(max(1, int(cw * shrink)), max(1, int(ch * shrink)), label_w, header_h)
+
+
 def _write_sheet(folder: Path, base: str, entries: list[dict], spec: SheetSpec, title: str) -> list[Path]:
     xs, ys = _values(entries, spec.x), _values(entries, spec.y)
     if spec.x is None and spec.y is None:  # nothing varies on this page but there are several images
@@ -151,18 +175,9 @@ def _write_sheet(folder: Path, base: str, entries: list[dict], spec: SheetSpec, 
         xv = _axis_value(e, spec.x) if spec.x else (i if spec.y is None else None)
         yv = _axis_value(e, spec.y) if spec.y else None
         cells[(json.dumps(xv), json.dumps(yv))] = e
-    with Image.open(folder / entries[0]["file"]) as first:
-        iw, ih = first.size
-    scale = max(1, -(-SHEET_MIN_UPSCALE // max(iw, ih)))  # integer upscale for tiny images
-    cw, ch = iw * scale, ih * scale
-    label_w, header_h = max(160, cw) if spec.y else 0, 40 + (56 if spec.x else 0)
-    # how many columns / rows fit at full size; below the minimum cell size, split into parts
-    shrink = min(1.0, (SHEET_MAX_SIDE - label_w) / (cw * len(xs)), (SHEET_MAX_SIDE - header_h) / (ch * len(ys)))
-    if min(cw, ch) * shrink < SHEET_MIN_CELL:
-        shrink = SHEET_MIN_CELL / min(cw, ch)
-    cw, ch = max(1, int(cw * shrink)), max(1, int(ch * shrink))
-    per_row = max(1, (SHEET_MAX_SIDE - label_w) // (cw + GAP))
-    per_col = max(1, (SHEET_MAX_SIDE - header_h) // (ch + GAP))
+    g = _grid(folder, entries[0], spec, len(xs), len(ys))
+    per_row = max(1, (SHEET_MAX_SIDE - g.label_w) // (g.cw + GAP))
+    per_col = max(1, (SHEET_MAX_SIDE - g.header_h) // (g.ch + GAP))
     parts = [
         (xs[i : i + per_row], ys[j : j + per_col])
         for j in range(0, len(ys), per_col)
@@ -170,32 +185,36 @@ def _write_sheet(folder: Path, base: str, entries: list[dict], spec: SheetSpec, 
     ]
     written = []
     for n, (px, py) in enumerate(parts):
-        name = base + (f"-part{n + 1}" if len(parts) > 1 else "") + ".png"
-        sheet = Image.new("RGB", (label_w + (cw + GAP) * len(px), header_h + (ch + GAP) * len(py)), "white")
-        draw = ImageDraw.Draw(sheet)
-        small = _font(13)
-        draw.multiline_text((6, 4), _fit_text(draw, title, small, sheet.width - 12, 2), fill="black", font=small)
-        if spec.x:
-            draw.text((label_w + 4, 40), spec.x, fill="gray", font=small)
-            for i, xv in enumerate(px):
-                text = _fit_text(draw, _label(spec.x, xv), small, cw - 8, 2)
-                draw.multiline_text((label_w + i * (cw + GAP) + 4, 58), text, fill="black", font=small)
-        if spec.y:
-            draw.text((6, header_h - 18), spec.y, fill="gray", font=small)
-        for j, yv in enumerate(py):
-            if spec.y:
-                text = _fit_text(draw, _label(spec.y, yv), small, label_w - 12, max(1, ch // 16))
-                draw.multiline_text((6, header_h + j * (ch + GAP) + 4), text, fill="black", font=small)
-            for i, xv in enumerate(px):
-                e = cells.get((json.dumps(xv if spec.x or spec.y is None else None), json.dumps(yv)))
-                if e is None:
-                    continue
-                with Image.open(folder / e["file"]) as im:
-                    resample = Image.Resampling.NEAREST if cw >= im.width else Image.Resampling.LANCZOS
-                    cell = im.convert("RGB").resize((cw, ch), resample)
-                    sheet.paste(cell, (label_w + i * (cw + GAP), header_h + j * (ch + GAP)))
-        path = folder / SHEETS / name
+        path = folder / SHEETS / (base + (f"-part{n + 1}" if len(parts) > 1 else "") + ".png")
         path.parent.mkdir(exist_ok=True)
-        write_atomic(path, png_bytes(sheet))
+        write_atomic(path, png_bytes(_draw(folder, g, spec, px, py, cells, title)))
         written.append(path)
     return written
+
+
+def _draw(folder: Path, g: _Grid, spec: SheetSpec, px: list, py: list, cells: dict, title: str) -> Image.Image:
+    """One sheet: the title, the x labels across, the y labels down, and the images."""
+    sheet = Image.new("RGB", (g.label_w + (g.cw + GAP) * len(px), g.header_h + (g.ch + GAP) * len(py)), "white")
+    draw = ImageDraw.Draw(sheet)
+    small = _font(13)
+    draw.multiline_text((6, 4), _fit_text(draw, title, small, sheet.width - 12, 2), fill="black", font=small)
+    if spec.x:
+        draw.text((g.label_w + 4, 40), spec.x, fill="gray", font=small)
+        for i, xv in enumerate(px):
+            text = _fit_text(draw, _label(spec.x, xv), small, g.cw - 8, 2)
+            draw.multiline_text((g.label_w + i * (g.cw + GAP) + 4, 58), text, fill="black", font=small)
+    if spec.y:
+        draw.text((6, g.header_h - 18), spec.y, fill="gray", font=small)
+    for j, yv in enumerate(py):
+        if spec.y:
+            text = _fit_text(draw, _label(spec.y, yv), small, g.label_w - 12, max(1, g.ch // 16))
+            draw.multiline_text((6, g.header_h + j * (g.ch + GAP) + 4), text, fill="black", font=small)
+        for i, xv in enumerate(px):
+            e = cells.get((json.dumps(xv if spec.x or spec.y is None else None), json.dumps(yv)))
+            if e is None:
+                continue
+            with Image.open(folder / e["file"]) as im:
+                resample = Image.Resampling.NEAREST if g.cw >= im.width else Image.Resampling.LANCZOS
+                cell = im.convert("RGB").resize((g.cw, g.ch), resample)
+                sheet.paste(cell, (g.label_w + i * (g.cw + GAP), g.header_h + j * (g.ch + GAP)))
+    return sheet

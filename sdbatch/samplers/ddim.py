@@ -1,7 +1,7 @@
 """DDIM with eta = 0 (Song et al. 2021): deterministic; on DDIM's own sigmas it is an Euler step."""
 
 import numpy as np
-import torch
+from torch import Tensor
 
 from . import euler
 from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, StepPlan
@@ -16,10 +16,6 @@ def plan(schedule: NoiseSchedule, steps: int) -> StepPlan:
 
 
 def sample(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    noise: NoiseSource | None = None,
-    after_step: AfterStep = None,
-) -> torch.Tensor:
+    model: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSource = None, after_step: AfterStep = None
+) -> Tensor:
     return euler.sample(model, x, sigmas, after_step=after_step)

@@ -2,26 +2,21 @@
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, StepPlan
 
 
 def plan(schedule: NoiseSchedule, steps: int, karras: bool = False) -> StepPlan:
     if karras:
-        sigmas = schedule.karras(steps)
-        return StepPlan.of(schedule.t_at(sigmas).round(), sigmas, 0.0, vp_init=True)
+        return StepPlan.karras(schedule, steps, vp_init=True, round_t=True)
     # integer timesteps over steps + 1 points, the last dropped (diffusers' DPMSolverMultistep rule)
-    t = np.linspace(0, schedule.train_steps - 1, steps + 1).round()[::-1][:-1].copy()
-    return StepPlan.of(t, schedule.sigma_at(t), 0.0, vp_init=True)
+    return StepPlan.at(schedule, np.linspace(0, schedule.train_steps - 1, steps + 1).round()[::-1][:-1].copy(), True)
 
 
 def sample(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    noise: NoiseSource | None = None,
-    after_step: AfterStep = None,
-) -> torch.Tensor:
+    model: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSource = None, after_step: AfterStep = None
+) -> Tensor:
     previous = None  # the last step's denoised estimate: the "multistep" memory
     for i in range(len(sigmas) - 1):
         denoised = model(x, i)

@@ -14,7 +14,8 @@ import torch
 # denoised = model(x, i): the model's estimate of the clean latent at step i of the plan
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 # a fresh standard-normal tensor shaped like the latents, drawn from each image's own generator
-NoiseSource = Callable[[], torch.Tensor]
+# (None for samplers that draw nothing)
+NoiseSource = Callable[[], torch.Tensor] | None
 # x = after_step(i, x) once step i is done (inpainting puts the known region back there), or None
 AfterStep = Callable[[int, torch.Tensor], torch.Tensor] | None
 
@@ -67,6 +68,18 @@ class StepPlan:
             torch.from_numpy(np.concatenate([sigmas, [final_sigma]]).astype(np.float32)),
             vp_init,
         )
+
+    @classmethod
+    def karras(cls, schedule: "NoiseSchedule", steps: int, vp_init: bool, round_t: bool = False) -> "StepPlan":
+        """Karras sigmas, each UNet timestep interpolated in log sigma (rounded for integer samplers)."""
+        sigmas = schedule.karras(steps)
+        t = schedule.t_at(sigmas)
+        return cls.of(t.round() if round_t else t, sigmas, 0.0, vp_init)
+
+    @classmethod
+    def at(cls, schedule: "NoiseSchedule", t: np.ndarray, vp_init: bool) -> "StepPlan":
+        """The schedule's own sigmas at timesteps `t` (interpolated), ending at sigma 0."""
+        return cls.of(t, schedule.sigma_at(t), 0.0, vp_init)
 
     def __len__(self) -> int:
         return len(self.timesteps)
