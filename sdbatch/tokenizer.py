@@ -8,6 +8,7 @@ A user with only a single-file checkpoint has no tokenizer files, so we look in 
   5. the CLIP vocabulary bundled with sdbatch (OpenAI's bpe_simple_vocab_16e6.txt.gz, MIT licence)
 """
 
+import contextlib
 import gzip
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from .checkpoints import is_diffusers_folder, weights_dir
+from .checkpoints import CheckpointError, open_model, weights_dir
 from .errors import InputError
 
 BUNDLED_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
@@ -133,11 +134,9 @@ def load_tokenizer(model_path: str | Path | None = None, vocab_size: int | None 
 
 def _find(model_path: Path | None) -> Tokenizer:
     candidates = []
-    if model_path is not None:
-        if is_diffusers_folder(model_path):
-            candidates.append(model_path / "tokenizer")
-        elif model_path.is_file():
-            candidates.append(model_path.parent / "tokenizer")
+    if model_path is not None and model_path.exists():
+        with contextlib.suppress(CheckpointError):  # a folder that is no model has no tokenizer of its own
+            candidates.append(open_model(model_path).tokenizer_folder())
     candidates.append(weights_dir() / "tokenizer")
     for folder in candidates:
         if folder.is_dir():

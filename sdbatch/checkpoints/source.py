@@ -55,6 +55,10 @@ class ModelSource:
     def metadata(self) -> dict[str, str]:
         return {}
 
+    def tokenizer_folder(self) -> Path:
+        """Where a tokenizer shipped with this model would be."""
+        raise NotImplementedError
+
     def view(self, keys: Iterable[str], cfg: SDConfig) -> dict[str, TensorRef]:
         """LDM-keyed references to the tensors (those of `keys` the model has)."""
         raise NotImplementedError
@@ -102,6 +106,9 @@ class SingleFile(ModelSource):
     def metadata(self) -> dict[str, str]:
         return self.weights.metadata
 
+    def tokenizer_folder(self) -> Path:
+        return self.path.parent / "tokenizer"  # our own files ship one there (weights/demo/tokenizer)
+
     def view(self, keys: Iterable[str], cfg: SDConfig) -> dict[str, TensorRef]:
         return dict(self.weights.tensors)
 
@@ -130,6 +137,9 @@ class DiffusersFolder(ModelSource):
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {f"{c}/{k}": s for c, f in self.files().items() for k, s in read_weights(f).shapes().items()}
+
+    def tokenizer_folder(self) -> Path:
+        return self.path / "tokenizer"
 
     def view(self, keys: Iterable[str], cfg: SDConfig) -> dict[str, TensorRef]:
         return diffusers_view({c: read_weights(f) for c, f in self.files().items()}, keys, cfg)
