@@ -109,7 +109,7 @@ def validate(job_file: JobArg) -> None:
     with _guard():
         job = load_job(job_file)
         model = ModelInfo.of(job.model, job.vae)
-        job.expand({}, model.size, model.cfg, keep=False)  # the rules again, at the model's own size
+        job.check(model.size, model.cfg)  # the rules again, at the model's own size
     slots = job.random_slots()
     extra = f" ({sum(slots.values())} seeds drawn at random when it first runs)" if slots else ""
     _say(f"{job_file}: ok: {job.size()} images in {len(job.runs)} run(s){extra}")

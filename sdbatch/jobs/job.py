@@ -152,6 +152,10 @@ class Job:
             raise JobError(list(problems.values()))
         return out
 
+    def check(self, size: int, cfg: float) -> None:
+        """Every rule over every combination, without keeping them (random seeds stand in as 0)."""
+        self.expand({k: [0] * n for k, n in self.random_slots().items()}, size, cfg, keep=False)
+
     def _check_aspects(self, run: Run, report: Callable[[Run, str, str], None]) -> None:
         """Init images and masks must have the render size's aspect ratio (they are resized, never
         cropped or stretched): refuse a mismatch before anything renders, not halfway through a job."""
@@ -288,7 +292,7 @@ def parse_job(text: str, file: Path) -> Job:
     job.image_sizes = check.ctx.image_sizes
     if job.size() > MAX_TASKS:
         raise JobError([Problem(str(file), 0, "", f"expands to {job.size():,} images (at most {MAX_TASKS:,} per job)")])
-    job.expand({}, size=512, cfg=7.5, keep=False)  # every combination's rules, before any model is read
+    job.check(size=512, cfg=7.5)  # every combination's rules, before any model is read
     return job
 
 
