@@ -281,7 +281,7 @@ def parse_job(text: str, file: Path) -> Job:
             continue
         if block is not data:
             check.unknown_keys(block, RUN_KEYS, "a run")
-        run = _run(check, i, block, defaults, prefix=f"runs[{i}]." if block is not data else "")
+        run = _parse_run(check, i, block, defaults, prefix=f"runs[{i}]." if block is not data else "")
         if run is not None:
             run.sheet = (
                 _sheet(check, block.get("sheet"), block.lines.get("sheet", 0)) if "sheet" in block else job.sheet
@@ -346,7 +346,7 @@ def _run_blocks(check: _Checker, data: LineDict) -> list[tuple[Any, int]]:
     return list(zip(blocks, blocks.lines, strict=True))
 
 
-def _run(check: _Checker, index: int, block: LineDict, defaults: LineDict, prefix: str) -> Run | None:
+def _parse_run(check: _Checker, index: int, block: LineDict, defaults: LineDict, prefix: str) -> Run | None:
     values: dict[str, list] = {}
     sources: dict[str, Source] = {}
     before = len(check.problems)

@@ -248,13 +248,13 @@ class Pipeline:
 
     def _denoiser(self, rows: GuidanceRows, begin: start.Start) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """denoised = model(x, i): the guided estimate of the clean latents at step i."""
-        plan, extra = begin.plan, begin.extra
+        plan, extra_channels = begin.plan, begin.extra_channels
 
         def model(x: torch.Tensor, i: int) -> torch.Tensor:
             sigma = plan.sigmas[i].to(self.device)
             x_in = x / (sigma**2 + 1).sqrt()
-            if extra is not None:
-                x_in = torch.cat([x_in, extra], dim=1)
+            if extra_channels is not None:
+                x_in = torch.cat([x_in, extra_channels], dim=1)
             t = plan.timesteps[i].to(self.device)
 
             def run(latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Where sampling starts, one function per start mode: the first latents, the step plan they run
-(img2img runs its tail), the extra UNet channels of a 9-channel inpainting model, and the step hook
+(img2img runs its tail), the extra UNet input channels of a 9-channel inpainting model, and the step hook
 that puts the known region back when a normal model inpaints.
 
 Draw order matters for determinism: every draw comes from the images' own generators in diffusers'
@@ -22,7 +22,7 @@ Encode = Callable[[torch.Tensor], torch.Tensor]  # images -> scaled latents samp
 class Start:
     x: torch.Tensor
     plan: StepPlan
-    extra: torch.Tensor | None = None  # concatenated to the UNet input (9-channel inpainting)
+    extra_channels: torch.Tensor | None = None  # concatenated to the UNet input (9-channel inpainting)
     after_step: AfterStep = None
 
 
@@ -76,5 +76,5 @@ def inpaint_model(
     else:
         x = noise * plan.initial_noise_scale()
     small = F.interpolate(masks, size=tuple(x.shape[-2:]))
-    extra = torch.cat([small, encode(images * (masks < 0.5))], dim=1)
-    return Start(x, plan, extra)
+    extra_channels = torch.cat([small, encode(images * (masks < 0.5))], dim=1)
+    return Start(x, plan, extra_channels)
