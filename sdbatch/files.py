@@ -5,11 +5,17 @@ through `write_atomic`: a hidden temp file next to the target named after this h
 flushed, fsynced and renamed over the target. `clean_temp_files` removes what dead processes left.
 """
 
+import hashlib
 import os
 import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
+
+
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes: what ids use for init images and masks (their contents, not names)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def temp_name(path: Path) -> Path:

@@ -2,7 +2,6 @@
 and what is already done. Reads only; torch-free (the model's facts come from its file header).
 """
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import model_config, model_defaults, model_hash, model_sha256, resolve_model
+from .files import content_sha256
 from .jobs import Job, Task, draw_randoms
 from .models.configs import SDConfig
 from .output.manifest import finished, read_manifests
@@ -97,7 +97,7 @@ def expand_tasks(job: Job, model: ModelInfo, randoms: dict[str, list[int]]) -> l
 
     def digest(path: str) -> str:
         if path not in digests:
-            digests[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            digests[path] = content_sha256(path)
         return digests[path]
 
     recipes = job.expand(randoms, model.size, model.cfg)

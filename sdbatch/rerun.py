@@ -1,14 +1,13 @@
 """`sdbatch rerun IMAGE`: render an image again from the recipe in its PNG metadata (our `sdbatch`
 chunk, else A1111's `parameters` text), with the same rules a job file's values are held to."""
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import InputError
-from .files import write_atomic
+from .files import content_sha256, write_atomic
 from .jobs import Task
 from .output.png import png_bytes, read_png_text
 from .plan import ModelInfo
@@ -46,11 +45,8 @@ def rerun_image(image: Path, output: Path, model: str | None = None, device: str
     if target.resolve() == image.resolve():
         raise InputError(f"{target} is the image itself; choose another --output")
 
-    def digest(path: str) -> str:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
     record = meta.get("task", {})
-    task = Task(int(record.get("index", 0)), int(record.get("run", 0)), recipe.task_id(info.id, digest), recipe)
+    task = Task(int(record.get("index", 0)), int(record.get("run", 0)), recipe.task_id(info.id, content_sha256), recipe)
     from .render import ModelSpec, build_renderer, parse_devices
 
     render = build_renderer(ModelSpec(str(info.path), None, parse_devices(device)[0]))
