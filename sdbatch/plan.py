@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import model_config, model_defaults, model_hash, model_sha256, resolve_model
+from .checkpoints import model_hash, model_sha256, open_model, resolve_model
 from .files import content_sha256
 from .jobs import Job, Task, draw_randoms
 from .models.configs import SDConfig
@@ -32,7 +32,8 @@ class ModelInfo:
     def of(cls, model: str | Path, vae: str | Path | None = None) -> "ModelInfo":
         """Resolve a model name or path and read its config from the header (no weights loaded)."""
         path = resolve_model(model)
-        return cls(path, Path(vae) if vae is not None else None, model_config(path), model_defaults(path))
+        source = open_model(path)  # one read of the header for both
+        return cls(path, Path(vae) if vae is not None else None, source.config(), source.defaults())
 
     @cached_property
     def sha256(self) -> str:

@@ -89,11 +89,11 @@ class Recipe:
         elif self.strength is not None and int(self.steps * self.strength) < 1:
             yield "strength", f"strength {self.strength:g} of {self.steps} steps runs no step at all"
 
-    def check(self) -> "Recipe":
-        """The recipe itself, or RecipeError naming every rule it breaks."""
+    def check(self, where: str = "") -> "Recipe":
+        """The recipe itself, or RecipeError naming every rule it breaks (after `where`)."""
         found = [f"{name}: {message}" for name, message in self.problems()]
         if found:
-            raise RecipeError("; ".join(found))
+            raise RecipeError(where + "; ".join(found))
         return self
 
     # -- the manifest record and the `sdbatch` PNG chunk
@@ -113,11 +113,7 @@ class Recipe:
                     values[f.name] = _coerce(f.name, record[f.name])
                 except (TypeError, ValueError) as e:
                     raise RecipeError(f"{where}{f.name}: {e}") from None
-        recipe = cls(**values)
-        found = [f"{name}: {message}" for name, message in recipe.problems()]
-        if found:
-            raise RecipeError(where + "; ".join(found))
-        return recipe
+        return cls(**values).check(where)
 
     # -- ids
 
@@ -160,11 +156,7 @@ class Recipe:
         values = a1111_values(text, where)
         if values.get("strength") is not None:
             raise RecipeError(f"{where}an A1111 img2img image names no init image; render it from a job file")
-        recipe = cls(**values)
-        found = [f"{name}: {message}" for name, message in recipe.problems()]
-        if found:
-            raise RecipeError(where + "; ".join(found))
-        return recipe
+        return cls(**values).check(where)
 
 
 def a1111_values(text: str, where: str = "") -> dict[str, Any]:
