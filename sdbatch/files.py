@@ -5,12 +5,17 @@ through `write_atomic`: a hidden temp file next to the target named after this h
 flushed, fsynced and renamed over the target. `clean_temp_files` removes what dead processes left.
 """
 
+import errno
 import hashlib
 import os
 import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
+
+from .errors import InputError
+
+NAME_MAX = 255  # bytes in one file name on every filesystem we write to
 
 
 def content_sha256(path: str | Path) -> str:
@@ -19,7 +24,15 @@ def content_sha256(path: str | Path) -> str:
 
 
 def temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    """`.NAME.tmp-HOST-PID`, unique per process; a name too long for that is shortened and keeps
+    a hash of the whole name, so two long names never share a temp file."""
+    suffix = f".tmp-{socket.gethostname()}-{os.getpid()}"
+    name = path.name
+    if len(f".{name}{suffix}".encode()) > NAME_MAX:
+        room = NAME_MAX - len(suffix.encode()) - 1 - 9
+        cut = name.encode()[:room].decode(errors="ignore")
+        name = f"{cut}~{hashlib.sha256(path.name.encode(errors='surrogatepass')).hexdigest()[:8]}"
+    return path.with_name(f".{name}{suffix}")
 
 
 def write_atomic(path: str | Path, data: bytes | Callable[[Path], None], mode: int | None = None) -> Path:
@@ -27,16 +40,18 @@ def write_atomic(path: str | Path, data: bytes | Callable[[Path], None], mode: i
     atomically. `mode` sets the permission bits (default: what open() would give, i.e. the umask's)."""
     path = Path(path)
     tmp = temp_name(path)
+    tmp.unlink(missing_ok=True)  # a dead process's leftover (or a planted link): never written through
     try:
         if callable(data):
             data(tmp)
-            fd = os.open(tmp, os.O_RDONLY)
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
         else:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+            with open(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -71,3 +86,52 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def inside(folder: Path, name: str) -> Path | None:
+    """`folder/name` if that names a place inside `folder` reached without following a link:
+    a relative path with no `..`, no empty part, and no symbolic link on the way (the last part
+    may not exist yet). Else None: a record that points elsewhere is not ours to trust or write."""
+    if not isinstance(name, str) or not name or "\0" in name or name.startswith("/"):
+        return None
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return None
+    path = folder
+    for part in parts:
+        path = path / part
+        try:
+            if os.path.islink(path):
+                return None
+        except (OSError, ValueError):
+            return None
+    return path
+
+
+def no_link(path: Path) -> Path:
+    """`path` itself, refused when it is a symbolic link: files sdbatch keeps in the output folder
+    (locks, manifests, records, sheets/) are never written through a link to somewhere else."""
+    if os.path.islink(path):
+        raise InputError(f"{path} is a symbolic link; sdbatch never writes through links in its output folder")
+    return path
+
+
+def prepare_folder(folder: Path) -> Path:
+    """Create the output folder, or say in one line why it cannot be written (exit 2)."""
+    if str(folder).strip() == "":
+        raise InputError("--output: empty path; name a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"output folder {folder}: cannot create it ({_why(e)})") from None
+    if not folder.is_dir():
+        raise InputError(f"output folder {folder}: exists and is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {folder}: not writable (permissions, or a read-only filesystem)")
+    return folder
+
+
+def _why(e: OSError) -> str:
+    if e.errno == errno.ENOTDIR:
+        return "a part of the path is a file"
+    return e.strerror or str(e)

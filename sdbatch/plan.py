@@ -3,16 +3,19 @@ and what is already done. Reads only; torch-free (the model's facts come from it
 """
 
 import json
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from .checkpoints import model_hash, model_sha256, open_model, resolve_model
-from .files import content_sha256
+from .files import content_sha256, inside
 from .jobs import Job, Task, draw_randoms
 from .models.configs import SDConfig
-from .output.manifest import finished, read_manifests
+from .output.manifest import finished, read_manifests, whole_png
 from .output.names import file_name
 from .recipe import DEFAULTS
 
@@ -82,18 +85,29 @@ class JobPlan:
     model: ModelInfo
     output: Path
     tasks: list[Task]
-    done: dict[str, dict]  # id -> manifest entry
+    done: dict[str, dict]  # id -> manifest entry (checked: its file is there and whole)
     names: dict[str, str]  # id -> file name
     randoms: dict[str, list[int]]
     all_ids: list[str]  # every task of the job, whatever the shard
+    found: dict[str, str] = field(default_factory=dict)  # id -> its image on disk that has no manifest line
+    aside: dict[str, str] = field(default_factory=dict)  # id -> a file in the way of its name: moved aside
+    merged: int = 0  # tasks of the job that were the same task (same id) as an earlier one
 
     @property
     def todo(self) -> list[Task]:
-        return [t for t in self.tasks if t.id not in self.done]
+        return [t for t in self.tasks if t.id not in self.done and t.id not in self.found]
 
 
 def expand_tasks(job: Job, model: ModelInfo, randoms: dict[str, list[int]]) -> list[Task]:
-    """Every task of the job, with ids from the recipe, the model and the images' contents."""
+    """Every distinct task of the job, with ids from the recipe, the model and the images'
+    contents. A combination that is the same task as an earlier one (`seed: [1, 1]`, `cfg: [4,
+    4.0]`, a sampler and its alias, strength swept without an init image) is merged into it: one
+    id is one render, one file, one manifest line. Indices stay those of the job's product."""
+    return _distinct_tasks(job, model, randoms)[0]
+
+
+def _distinct_tasks(job: Job, model: ModelInfo, randoms: dict[str, list[int]]) -> tuple[list[Task], int]:
+    """The job's distinct tasks, and how many combinations were merged into an earlier one."""
     digests: dict[str, str] = {}
 
     def digest(path: str) -> str:
@@ -101,8 +115,12 @@ def expand_tasks(job: Job, model: ModelInfo, randoms: dict[str, list[int]]) -> l
             digests[path] = content_sha256(path)
         return digests[path]
 
-    recipes = job.expand(randoms, model.size, model.cfg)
-    return [Task(i, run, recipe.task_id(model.id, digest), recipe) for i, (run, recipe) in enumerate(recipes)]
+    tasks: dict[str, Task] = {}
+    combos = job.expand(randoms, model.size, model.cfg)
+    for i, (run, recipe) in enumerate(combos):
+        task_id = recipe.task_id(model.id, digest)
+        tasks.setdefault(task_id, Task(i, run, task_id, recipe))
+    return list(tasks.values()), len(combos) - len(tasks)
 
 
 def plan_job(
@@ -119,34 +137,71 @@ def plan_job(
     folder = Path(output) if output is not None else job.output
     recorded = randoms if randoms is not None else read_json(folder / RANDOMS)
     randoms = draw_randoms(job.random_slots(), recorded)
-    tasks = expand_tasks(job, model, randoms)
-    entries = read_manifests(folder) if folder.is_dir() else []
-    ids = {t.id for t in tasks}
-    done = {k: v for k, v in finished(entries, folder).items() if k in ids}
-    names = _names(job, tasks, done, folder, entries)
+    tasks, merged = _distinct_tasks(job, model, randoms)
     all_ids = [t.id for t in tasks]
     if shard is not None:
         tasks = [t for t in tasks if t.index % shard[1] == shard[0]]
-        done = {k: v for k, v in done.items() if k in {t.id for t in tasks}}
-    return JobPlan(job, model, folder, tasks, done, names, randoms, all_ids)
+    entries = read_manifests(folder) if folder.is_dir() else []
+    finished_all = finished(entries, folder)
+    ids = {t.id for t in tasks}
+    done = {k: v for k, v in finished_all.items() if k in ids}
+    names, found, aside = _place(job, tasks, done, folder, finished_all)
+    return JobPlan(job, model, folder, tasks, done, names, randoms, all_ids, found, aside, merged)
 
 
-def _names(job: Job, tasks: list[Task], done: dict[str, dict], folder: Path, entries: list[dict]) -> dict[str, str]:
-    """File names from the template; a name two tasks share, or one a file of another task already
-    has on disk, gets the task id appended so that no image ever overwrites another."""
-    names = {t.id: file_name(job.filename, t) for t in tasks}
+def _place(
+    job: Job, tasks: list[Task], done: dict[str, dict], folder: Path, finished_all: dict[str, dict]
+) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Where each task's image goes, which images are already on disk without a manifest line
+    (a kill between an image's rename and its line, a lost manifest), and which files are in
+    the way. A name is the template's; a name two tasks of the job share gets the task id
+    appended; so does a name whose file is another task's finished image. A file at a task's name
+    that carries the task's id (and decodes) is that task's image: adopted, never rendered twice.
+    Any other file there (damaged, foreign, a link) is moved aside before the task renders."""
+    base = {t.id: file_name(job.filename, t) for t in tasks}
     counts: dict[str, int] = {}
-    for name in names.values():
+    for name in base.values():
         counts[name] = counts.get(name, 0) + 1
-    taken = {e["file"] for e in entries if isinstance(e.get("file"), str)}
+    taken = {e["file"]: i for i, e in finished_all.items()}
+    names, found, aside = {}, {}, {}
     for t in tasks:
         if t.id in done:
             names[t.id] = done[t.id]["file"]
             continue
-        name = names[t.id]
-        if counts[name] > 1 or name in taken or (folder / name).exists():
-            names[t.id] = name[: -len(".png")] + f"-{t.id[:8]}.png"
-    return names
+        name = base[t.id] if counts[base[t.id]] == 1 else _with_id(base[t.id], t.id)
+        candidates = [c for c in (name, _with_id(name, t.id), _with_id(name, t.id, 64)) if taken.get(c, t.id) == t.id]
+        candidates = list(dict.fromkeys(candidates))
+        mine = next((c for c in candidates if _owner(folder, c) == t.id), None)
+        if mine is not None:
+            names[t.id] = found[t.id] = mine
+            continue
+        names[t.id] = candidates[0]
+        path = inside(folder, candidates[0])
+        if path is None or os.path.lexists(path):
+            aside[t.id] = candidates[0]
+    return names, found, aside
+
+
+def _with_id(name: str, task_id: str, chars: int = 8) -> str:
+    suffix = f"-{task_id[:chars]}"
+    stem = name[: -len(".png")]
+    return name if stem.endswith(suffix) else f"{stem}{suffix}.png"
+
+
+def _owner(folder: Path, name: str) -> str | None:
+    """The task id an image on disk carries in its `sdbatch` chunk, when it is a whole PNG that
+    decodes; None for anything else (missing, damaged, foreign, a link)."""
+    path = inside(folder, name)
+    if path is None or not whole_png(path):
+        return None
+    try:
+        with Image.open(path) as im:
+            im.load()
+            meta = json.loads(im.text.get("sdbatch", "{}"))  # type: ignore[attr-defined]
+        task_id = meta["task"]["id"]
+    except Exception:
+        return None
+    return task_id if isinstance(task_id, str) else None
 
 
 def read_json(path: Path) -> dict:

@@ -18,9 +18,10 @@ def _summary_line(s: Summary) -> str:
     rate = f", {s.rendered / s.seconds:.2f} img/s" if s.rendered and s.seconds > 0 else ""
     if s.dry_run:
         return f"{s.job}: dry run: {s.total - s.skipped} to render, {s.skipped} already done of {s.total} -> {s.output}"
-    state = "interrupted" if s.interrupted else "done"
+    state = "stopped" if s.stopped else ("interrupted" if s.interrupted else "done")
     parts = [f"{s.rendered} rendered", f"{s.skipped} already done", f"{len(s.failed)} failed"]
-    return f"{s.job}: {state}: {', '.join(parts)} of {s.total} in {s.seconds:.1f} s{rate} -> {s.output}"
+    line = f"{s.job}: {state}: {', '.join(parts)} of {s.total} in {s.seconds:.1f} s{rate} -> {s.output}"
+    return line + (f" ({s.stopped})" if s.stopped else "")
 
 
 class PlainReporter(Reporter):
@@ -64,7 +65,7 @@ class QuietReporter(PlainReporter):
             super().image(task, file, error, done, todo, rate)
 
     def end(self, summary: Summary) -> None:
-        if summary.failed or summary.interrupted:
+        if summary.failed or summary.interrupted or summary.stopped:
             self._print(_summary_line(summary), err=True)
 
 
@@ -100,6 +101,9 @@ class JsonReporter(Reporter):
             failed=[{"id": i, "error": e} for i, e in s.failed],
             seconds=round(s.seconds, 3),
             interrupted=s.interrupted,
+            stopped=s.stopped,
+            adopted=s.adopted,
+            merged=s.merged,
             sheets=[str(p) for p in s.sheets],
             exit_code=s.exit_code,
         )

@@ -3,9 +3,15 @@ image and its manifest line as soon as it exists, build contact sheets, and say 
 
 Exit codes are `sdbatch.errors`'s: 0 all done, 1 some images failed, 2 bad input, 75 the output
 folder is locked by another run, 130 interrupted (the images in flight were finished and written).
+
+Resume relies on the folder, checked (sdbatch.plan): images whose manifest line is there and whose
+file is whole are done; images on disk that carry a task's id but have no line (a kill between
+rename and line) are adopted with a new line; anything else in the way of a name is moved to
+`aside/`, never overwritten. Nothing is written through a symbolic link.
 """
 
 import json
+import os
 import signal
 import threading
 import time
@@ -19,16 +25,24 @@ from typing import Any
 
 from . import __version__
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError
-from .files import clean_temp_files, write_atomic
+from .files import clean_temp_files, no_link, prepare_folder, write_atomic
 from .jobs import Job, Task, draw_randoms
-from .output.manifest import Manifest, finished, lock_name, manifest_name, output_lock, read_manifests
+from .output.manifest import (
+    Manifest,
+    finished,
+    manifest_name,
+    output_lock,
+    read_manifests,
+    run_lock,
+)
 from .output.png import png_bytes
-from .output.sheets import JOB_RECORD, make_sheets
+from .output.sheets import JOB_RECORD, SHEETS, make_sheets
 from .plan import RANDOMS, JobPlan, ModelInfo, plan_job, read_json
 from .render import auto_batch_size, inline_executor, make_executor
 
 WRITERS = 4  # threads encoding and writing PNGs
 WRITE_BACKLOG = 256  # images rendered but not yet written, at most
+ASIDE = "aside"  # where files in the way of a job's images are moved (never overwritten)
 
 
 @dataclass
@@ -56,12 +70,15 @@ class Summary:
     interrupted: bool = False
     dry_run: bool = False
     sheets: list[Path] = field(default_factory=list)
+    adopted: int = 0  # images found on disk without a manifest line, recorded instead of rendered
+    merged: int = 0  # combinations of the job that were the same task as another
+    stopped: str | None = None  # why the run stopped early (the disk is full, say)
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
-        return EXIT_FAILED if self.failed else EXIT_OK
+        return EXIT_FAILED if self.failed or self.stopped else EXIT_OK
 
 
 class Reporter:
@@ -99,15 +116,20 @@ def png_text(task: Task, file: str, job: Job, model: ModelInfo) -> dict[str, str
 
 
 class Interrupt:
-    """First Ctrl-C (or SIGTERM): finish and write the batch in flight, then stop. Second: stop now."""
+    """Ctrl-C and SIGTERM (alike: systemd and SLURM send SIGTERM, often to the whole process group)
+    while rendering: the first finishes and writes the batch in flight, then stops; a second stops
+    now. Before rendering starts (locking, planning, loading the model) there is nothing in flight:
+    the first one stops at once. Either way what is written is whole and the exit code is 130."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.rendering = False
 
     @contextmanager
     def installed(self) -> Iterator["Interrupt"]:
         def handler(signum, frame):
-            if self.requested:
+            if self.requested or not self.rendering:
+                self.requested = True
                 raise KeyboardInterrupt
             self.requested = True
 
@@ -128,23 +150,69 @@ def run_job(job: Job, options: Options, reporter: Reporter, render: Callable | N
     model = ModelInfo.of(job.model, job.vae)  # a bad model is bad input: say so before creating anything
     if options.dry_run:
         plan = plan_job(job, folder, shard=options.shard, model=model)
-        summary = Summary(job.name, folder, total=len(plan.tasks), skipped=len(plan.done), dry_run=True)
+        summary = _summary(plan, dry_run=True)
         reporter.start(plan.job, len(plan.tasks), len(plan.todo), folder)
         reporter.end(summary)
         return summary
-    with output_lock(folder, lock_name(options.shard)):
+    prepare_folder(folder)
+    interrupt = Interrupt()
+    with interrupt.installed(), run_lock(folder, options.shard):
+        for name in (manifest_name(options.shard), JOB_RECORD, RANDOMS, SHEETS, ASIDE):
+            no_link(folder / name)
         clean_temp_files(folder)
         plan = plan_job(job, folder, _settle_randoms(folder, job), options.shard, model)
         _record_job(plan)
-        summary = Summary(job.name, folder, total=len(plan.tasks), skipped=len(plan.done))
+        summary = _summary(plan)
+        _tidy(plan, Manifest(folder, manifest_name(options.shard)), reporter, summary)
         todo = plan.todo
         reporter.start(job, len(plan.tasks), len(todo), folder)
         if todo:
-            _render_all(plan, todo, options, reporter, summary, render)
-        if options.sheets and not summary.interrupted and _all_done(plan):
+            _render_all(plan, todo, options, reporter, summary, render, interrupt)
+        if options.sheets and not summary.interrupted and not summary.stopped and _all_done(plan):
             summary.sheets = make_sheets(folder, job.name)
     reporter.end(summary)
     return summary
+
+
+def _summary(plan: JobPlan, dry_run: bool = False) -> Summary:
+    return Summary(
+        plan.job.name,
+        plan.output,
+        total=len(plan.tasks),
+        skipped=len(plan.done) + len(plan.found),
+        dry_run=dry_run,
+        adopted=len(plan.found),
+        merged=plan.merged,
+    )
+
+
+def _tidy(plan: JobPlan, manifest: Manifest, reporter: Reporter, summary: Summary) -> None:
+    """Before rendering: move what is in the way of this run's names to `aside/`, and record the
+    images already on disk that carry a task's id but no manifest line (not rendered again)."""
+    if plan.merged:
+        reporter.note(f"{plan.merged} combinations of the job were the same task as another; each renders once")
+    for name in plan.aside.values():
+        moved = _move_aside(plan.output, name)
+        reporter.note(f"{name} was in the way (damaged, or not this task's image): moved to {moved}")
+    by_id = {t.id: t for t in plan.tasks}
+    for task_id, name in plan.found.items():
+        size = os.lstat(plan.output / name).st_size
+        manifest.append(entry_for(by_id[task_id], name, plan.job, "ok", model_hash=plan.model.hash, bytes=size))
+    if plan.found:
+        reporter.note(f"{len(plan.found)} images were on disk without their manifest line: recorded, not rendered")
+
+
+def _move_aside(folder: Path, name: str) -> str:
+    """Rename `folder/name` (a file, a link or a folder) into `aside/` under a free name."""
+    aside = no_link(folder / ASIDE)
+    aside.mkdir(exist_ok=True)
+    stem, dot, ext = name.rpartition(".") if "." in name else (name, "", "")
+    for n in range(1, 10_000):
+        target = aside / (name if n == 1 else f"{stem}-{n}{dot}{ext}")
+        if not os.path.lexists(target):
+            os.rename(folder / name, target)
+            return f"{ASIDE}/{target.name}"
+    raise InputError(f"{aside}: too many files set aside; empty it")
 
 
 def _settle_randoms(folder: Path, job: Job) -> dict[str, list[int]]:
@@ -181,7 +249,8 @@ def _executor(plan: JobPlan, options: Options, render: Callable | None, note: Ca
 
 class _Writer:
     """Encodes, writes and logs each finished image on a small thread pool, so the device never
-    waits for PNG compression or the disk; an image that cannot be written fails alone."""
+    waits for PNG compression or the disk. An image that cannot be written fails alone; a manifest
+    that cannot be appended to (the disk is full) stops the run: `broken` says why."""
 
     def __init__(self, plan: JobPlan, todo: int, options: Options, reporter: Reporter, summary: Summary):
         self.plan, self.todo, self.reporter, self.summary = plan, todo, reporter, summary
@@ -190,6 +259,7 @@ class _Writer:
         self.pending: list = []
         self.lock = threading.Lock()
         self.done = 0
+        self.broken: str | None = None
         self.started = time.perf_counter()
 
     def submit(self, task: Task, image: Any, error: str | None) -> None:
@@ -199,22 +269,33 @@ class _Writer:
 
     def _finish(self, task: Task, image: Any, error: str | None) -> None:
         plan, name = self.plan, self.plan.names[task.id]
-        if image is not None:
-            try:
-                write_atomic(plan.output / name, png_bytes(image, png_text(task, name, plan.job, plan.model)))
-                self.manifest.append(entry_for(task, name, plan.job, "ok", model_hash=plan.model.hash))
-            except OSError as e:  # disk full, permissions: this image fails, the run goes on
-                image, error = None, f"could not write {name}: {e}"
-        if image is None:
-            self.manifest.append(entry_for(task, None, plan.job, "failed", error=error))
-        with self.lock:
+        file = None
+        try:
             if image is not None:
+                try:
+                    data = png_bytes(image, png_text(task, name, plan.job, plan.model))
+                    write_atomic(plan.output / name, data)
+                    file = name
+                    _pause_for_tests(name)
+                except OSError as e:  # disk full, permissions: this image fails
+                    error = f"could not write {name}: {e.strerror or e}"
+                    self.broken = self.broken or error
+            if file is not None:
+                self.manifest.append(entry_for(task, name, plan.job, "ok", model_hash=plan.model.hash, bytes=len(data)))
+            else:
+                self.manifest.append(entry_for(task, None, plan.job, "failed", error=error))
+        except OSError as e:  # the manifest cannot grow: stop; an image without its line is adopted next run
+            why = f"could not append to {self.manifest.path.name}: {e.strerror or e}"
+            self.broken = self.broken or why
+            error, file = (error or why), None
+        with self.lock:
+            if file is not None:
                 self.summary.rendered += 1
             else:
                 self.summary.failed.append((task.id, f"{name}: {error}"))
             self.done += 1
             rate = self.done / (time.perf_counter() - self.started)
-            self.reporter.image(task, name if image is not None else None, error, self.done, self.todo, rate)
+            self.reporter.image(task, file, error, self.done, self.todo, rate)
 
     def close(self) -> None:
         """Every image already rendered gets written, even when stopping."""
@@ -223,24 +304,45 @@ class _Writer:
             future.result()
 
 
-def _render_all(plan: JobPlan, todo: list[Task], options, reporter: Reporter, summary: Summary, render) -> None:
+def _pause_for_tests(name: str) -> None:
+    """Tests that kill a run between an image's rename and its manifest line set
+    SDBATCH_TEST_PAUSE_AFTER_RENAME to a file: the writer says there which image it just renamed
+    and waits to be killed, so the kill lands in that window every time, not by luck."""
+    marker = os.environ.get("SDBATCH_TEST_PAUSE_AFTER_RENAME")
+    if marker:
+        with open(marker, "a") as f:
+            f.write(name + "\n")
+        time.sleep(3600)
+
+
+def _render_all(
+    plan: JobPlan,
+    todo: list[Task],
+    options: Options,
+    reporter: Reporter,
+    summary: Summary,
+    render: Callable | None,
+    interrupt: Interrupt,
+) -> None:
     executor = _executor(plan, options, render, reporter.note)
     writer = _Writer(plan, len(todo), options, reporter, summary)  # its clock starts once the model loaded
+    interrupt.rendering = True
     try:
-        with Interrupt().installed() as interrupt:
-            for batch, results in executor.map(
-                _batches(plan, todo, options, executor.device), lambda: interrupt.requested
-            ):
-                for task, (image, error) in zip(batch, results, strict=True):
-                    writer.submit(task, image, error)
-            summary.interrupted = interrupt.requested
+        stop = lambda: interrupt.requested or writer.broken is not None  # noqa: E731
+        for batch, results in executor.map(_batches(plan, todo, options, executor.device), stop):
+            for task, (image, error) in zip(batch, results, strict=True):
+                writer.submit(task, image, error)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now; what is written is whole
-        summary.interrupted = True
+        pass
     finally:
-        writer.close()
-        executor.close()
-        summary.seconds = time.perf_counter() - writer.started
-    summary.interrupted = summary.interrupted and writer.done < len(todo)  # stopped, but all was done anyway
+        try:
+            writer.close()
+        finally:
+            executor.close()
+            summary.seconds = time.perf_counter() - writer.started
+    summary.interrupted = interrupt.requested and writer.done < len(todo)  # stopped, but all was done anyway
+    if writer.broken is not None and writer.done < len(todo):
+        summary.stopped = f"stopped after {writer.done} of {len(todo)} images: {writer.broken}"
 
 
 def _batches(plan: JobPlan, todo: list[Task], options: Options, device: str) -> Iterator[list[Task]]:

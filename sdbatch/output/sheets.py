@@ -9,9 +9,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..files import write_atomic
+from ..files import no_link, write_atomic
 from ..recipe import FIELDS
-from .manifest import read_manifests
+from .manifest import finished, read_manifests
 from .names import slug
 from .png import png_bytes
 
@@ -26,24 +26,34 @@ SHEET_MIN_UPSCALE = 128  # small images (the demo's 32 px) are enlarged to this,
 def make_sheets(folder: Path, title: str | None = None) -> list[Path]:
     """Contact sheets for every run in the folder's manifests (with the axes its job asked for)."""
     record = _read_record(folder / JOB_RECORD)
-    wanted = {r.get("index"): r.get("sheet") or {} for r in record.get("runs", []) if isinstance(r, dict)}
-    entries = [e for e in read_manifests(folder) if e.get("status") == "ok"]
+    runs = record.get("runs") if isinstance(record.get("runs"), list) else []
+    wanted = {r.get("index"): _wanted(r.get("sheet")) for r in runs if isinstance(r, dict)}
     by_run: dict[int, dict[str, dict]] = {}
-    for e in entries:
-        by_run.setdefault(int(e.get("run", 0)), {})[str(e.get("id"))] = e  # a re-rendered id counts once
+    for task_id, e in finished(read_manifests(folder), folder).items():  # whole images only, each id once
+        run = e.get("run") if isinstance(e.get("run"), int) else 0
+        by_run.setdefault(run, {})[task_id] = e
     written = []
+    name = title or (record.get("name") if isinstance(record.get("name"), str) else None) or folder.name
     for run, items in sorted(by_run.items()):
-        name = title or record.get("name") or folder.name
         written.extend(build_sheets(folder, run, list(items.values()), wanted.get(run, {}), f"{name} · run {run}"))
     return written
 
 
 def _read_record(path: Path) -> dict:
+    """job.json, or {} when it is missing, damaged or a link (sheets then use what the images vary in)."""
+    if path.is_symlink():
+        return {}
     try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _wanted(sheet: Any) -> dict[str, str | None]:
+    if not isinstance(sheet, dict):
+        return {}
+    return {k: v for k, v in sheet.items() if k in ("x", "y") and (v is None or isinstance(v, str))}
 
 
 # the parameters that can vary between the images of a run: every recipe field
@@ -58,6 +68,13 @@ def _axis_value(entry: dict, axis: str) -> Any:
 
 
 def _label(axis: str, value: Any) -> str:
+    try:
+        return _label_of(axis, value)
+    except (TypeError, IndexError, KeyError, ValueError):  # a damaged manifest line: show it as it is
+        return str(value)
+
+
+def _label_of(axis: str, value: Any) -> str:
     if value is None:
         return "none"
     if axis == "size":
@@ -112,7 +129,7 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int, lines: int
 def build_sheets(folder: Path, run: int, entries: list[dict], wanted: dict[str, str | None], title: str) -> list[Path]:
     """Contact sheets of one run's finished images under `folder/sheets/`; returns their paths."""
     entries = [e for e in entries if e.get("status") == "ok" and (folder / e["file"]).is_file()]
-    entries.sort(key=lambda e: e.get("index", 0))  # the job's order, not the order images finished in
+    entries.sort(key=lambda e: e["index"] if isinstance(e.get("index"), int) else 0)  # the job's order
     if len(entries) < 2:
         return []
     spec = sheet_axes(entries, wanted)
@@ -155,8 +172,11 @@ class _Grid:
 def _grid(folder: Path, first: dict, spec: SheetSpec, columns: int, rows: int) -> _Grid:
     """Cells as large as the images (tiny ones enlarged), shrunk to fit SHEET_MAX_SIDE but never
     below SHEET_MIN_CELL: a grid that still does not fit is split into parts."""
-    with Image.open(folder / first["file"]) as im:
-        iw, ih = im.size
+    try:
+        with Image.open(folder / first["file"]) as im:
+            iw, ih = im.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        iw, ih = SHEET_MIN_UPSCALE, SHEET_MIN_UPSCALE
     scale = max(1, -(-SHEET_MIN_UPSCALE // max(iw, ih)))  # integer upscale for tiny images
     cw, ch = iw * scale, ih * scale
     label_w, header_h = max(160, cw) if spec.y else 0, 40 + (56 if spec.x else 0)
@@ -186,7 +206,7 @@ def _write_sheet(folder: Path, base: str, entries: list[dict], spec: SheetSpec, 
     written = []
     for n, (px, py) in enumerate(parts):
         path = folder / SHEETS / (base + (f"-part{n + 1}" if len(parts) > 1 else "") + ".png")
-        path.parent.mkdir(exist_ok=True)
+        no_link(path.parent).mkdir(exist_ok=True)
         write_atomic(path, png_bytes(_draw(folder, g, spec, px, py, cells, title)))
         written.append(path)
     return written
@@ -213,8 +233,11 @@ def _draw(folder: Path, g: _Grid, spec: SheetSpec, px: list, py: list, cells: di
             e = cells.get((json.dumps(xv if spec.x or spec.y is None else None), json.dumps(yv)))
             if e is None:
                 continue
-            with Image.open(folder / e["file"]) as im:
-                resample = Image.Resampling.NEAREST if g.cw >= im.width else Image.Resampling.LANCZOS
-                cell = im.convert("RGB").resize((g.cw, g.ch), resample)
-                sheet.paste(cell, (g.label_w + i * (g.cw + GAP), g.header_h + j * (g.ch + GAP)))
+            try:
+                with Image.open(folder / e["file"]) as im:
+                    resample = Image.Resampling.NEAREST if g.cw >= im.width else Image.Resampling.LANCZOS
+                    cell = im.convert("RGB").resize((g.cw, g.ch), resample)
+            except (OSError, ValueError, Image.DecompressionBombError):  # damaged since it was checked
+                cell = Image.new("RGB", (g.cw, g.ch), "lightgray")
+            sheet.paste(cell, (g.label_w + i * (g.cw + GAP), g.header_h + j * (g.ch + GAP)))
     return sheet
