@@ -100,7 +100,14 @@ def _say(text: str) -> None:
 
 
 JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_default=False)]
-OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default: the job's).")]
+OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output folder (default: the job's).")]
+
+
+def _output(text: str | None) -> Path | None:
+    """The --output folder; an empty one is refused rather than taken as the current folder."""
+    if text is not None and not text.strip():
+        raise InputError("--output: empty path; name a folder")
+    return Path(text) if text is not None else None
 
 
 @app.command()
@@ -123,11 +130,14 @@ def plan(
 ) -> None:
     """Print the expanded plan: values per axis, the first tasks, and how many are already done."""
     with _guard():
-        p = plan_job(load_job(job_file), output)
+        p = plan_job(load_job(job_file), _output(output))
     counts = {axis: len({repr(getattr(t.recipe, axis)) for t in p.tasks}) for axis in AXES}
     axes = ", ".join(f"{axis} {n}" for axis, n in counts.items() if n > 1) or "nothing varies"
-    _say(f"{p.job.name}: {len(p.tasks)} images ({axes}) with {p.model.path}")
-    _say(f"output {p.output}: {len(p.done)} already done, {len(p.todo)} to render")
+    merged = f"; {p.merged} duplicate combinations merged (one id, one image)" if p.merged else ""
+    _say(f"{p.job.name}: {len(p.tasks)} images ({axes}) with {p.model.path}{merged}")
+    found = f" ({len(p.found)} on disk without their manifest line)" if p.found else ""
+    aside = f"; {len(p.aside)} files in the way will be moved to aside/" if p.aside else ""
+    _say(f"output {p.output}: {len(p.done) + len(p.found)} already done{found}, {len(p.todo)} to render{aside}")
     if p.job.random_slots() and not (p.output / RANDOMS).exists():
         _say("seed: random is drawn when the job first runs; the seeds below are an example")
     table = Table("#", "file", "prompt", "seed", "steps", "sampler", "cfg", "size", "done", box=None)
@@ -142,7 +152,7 @@ def plan(
             r.sampler + (" karras" if r.karras else ""),
             f"{r.cfg:g}",
             f"{r.width}x{r.height}",
-            "yes" if t.id in p.done else "",
+            "yes" if t.id in p.done or t.id in p.found else "",
             style=None,
         )
     out.print(table, markup=False)
@@ -189,7 +199,7 @@ def run(
             if backend not in ("local", "ray"):
                 raise InputError(f"--backend: {backend!r}; use local or ray")
             options = Options(
-                output=output,
+                output=_output(output),
                 device=devices or "auto",
                 batch_size=batch_size,
                 dry_run=dry_run,

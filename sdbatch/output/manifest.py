@@ -91,6 +91,7 @@ def run_lock(folder: Path, shard: tuple[int, int] | None = None) -> Iterator[Non
     """The locks of one run writing `folder` (OutputLocked, exit 75, when another run could collide):
     a plain run excludes every other run; the shards i/n of one split run together, but exclude a
     plain run, a second copy of the same shard, and shards of a split into another n."""
+    folder.mkdir(parents=True, exist_ok=True)
     with ExitStack() as held:
         gate = _open_lock(folder, GATE)
         held.callback(os.close, gate)
