@@ -3,6 +3,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import BasicTransformerBlock
@@ -65,15 +66,32 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-class TimestepBlock(nn.Sequential):
-    """A numbered stage (`input_blocks.4`): each layer takes what it needs of (x, emb, context)."""
+class SkipSizedUpsample(Upsample):
+    """The shared Upsample (same `.conv` key), but to the size of the skip connection it meets.
+    Going down, a stride-2 conv takes an odd side n to (n + 1) / 2, so 2x going up would be one cell
+    too many: diffusers passes `upsample_size` for this. Nearest to exactly 2x equals scale_factor=2,
+    so sizes that divide evenly get the same numbers as before."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: "tuple[int, int] | None" = None) -> torch.Tensor:
+        if size is None:
+            return super().forward(x)
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class TimestepBlock(nn.Sequential):
+    """A numbered stage (`input_blocks.4`): each layer takes what it needs of (x, emb, context, and
+    for an output block's Upsample the size of the skip connection it will be concatenated with)."""
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, up_size: "tuple[int, int] | None" = None
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, SkipSizedUpsample):
+                x = layer(x, up_size)
             else:
                 x = layer(x)
         return x
@@ -114,7 +132,7 @@ class UNet(nn.Module):
                 if cfg.attention_levels[level]:
                     layers.append(SpatialTransformer(cfg, ch))
                 if level != 0 and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
+                    layers.append(SkipSizedUpsample(ch))
                 self.output_blocks.append(TimestepBlock(*layers))
 
         self.out = nn.Sequential(
@@ -130,5 +148,6 @@ class UNet(nn.Module):
             hs.append(x)
         x = self.middle_block(x, emb, context)
         for block in self.output_blocks:
-            x = block(torch.cat([x, hs.pop()], dim=1), emb, context)
+            x = torch.cat([x, hs.pop()], dim=1)
+            x = block(x, emb, context, tuple(hs[-1].shape[-2:]) if hs else None)  # the next skip's size
         return self.out(x)

@@ -184,6 +184,13 @@ class Pipeline:
         first = requests[0].recipe
         if any(r.recipe.batch_key() != first.batch_key() for r in requests):
             raise RequestError("a batch must share steps, sampler, karras, size, mode and strength")
+        if first.width % self.latent_factor or first.height % self.latent_factor:
+            # the UNet takes any latent size; the VAE maps f x f pixels to one latent cell, so
+            # another size would come back cropped: refuse it before anything is drawn
+            raise RequestError(
+                f"size: {first.width}x{first.height} is not a multiple of {self.latent_factor}, "
+                f"which this model's VAE needs"
+            )
         sampler = get_sampler(first.sampler)
         plan = sampler.plan(self.schedule, first.steps, first.karras)
         shape = (4, first.height // self.latent_factor, first.width // self.latent_factor)
