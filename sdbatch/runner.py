@@ -10,6 +10,7 @@ rename and line) are adopted with a new line; anything else in the way of a name
 `aside/`, never overwritten. Nothing is written through a symbolic link.
 """
 
+import errno
 import json
 import os
 import signal
@@ -42,6 +43,7 @@ from .render import auto_batch_size, inline_executor, make_executor
 
 WRITERS = 4  # threads encoding and writing PNGs
 WRITE_BACKLOG = 256  # images rendered but not yet written, at most
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}  # no point writing more
 ASIDE = "aside"  # where files in the way of a job's images are moved (never overwritten)
 
 
@@ -277,15 +279,16 @@ class _Writer:
                     write_atomic(plan.output / name, data)
                     file = name
                     _pause_for_tests(name)
-                except OSError as e:  # disk full, permissions: this image fails
-                    error = f"could not write {name}: {e.strerror or e}"
-                    self.broken = self.broken or error
+                except (OSError, ValueError) as e:  # this image fails; a full disk also stops the run
+                    error = f"could not write {name}: {getattr(e, 'strerror', None) or e}"
+                    if getattr(e, "errno", None) in DISK_FULL:
+                        self.broken = self.broken or error
             if file is not None:
                 self.manifest.append(entry_for(task, name, plan.job, "ok", model_hash=plan.model.hash, bytes=len(data)))
             else:
                 self.manifest.append(entry_for(task, None, plan.job, "failed", error=error))
-        except OSError as e:  # the manifest cannot grow: stop; an image without its line is adopted next run
-            why = f"could not append to {self.manifest.path.name}: {e.strerror or e}"
+        except (OSError, ValueError) as e:  # the manifest cannot grow: stop; the image is adopted next run
+            why = f"could not append to {self.manifest.path.name}: {getattr(e, 'strerror', None) or e}"
             self.broken = self.broken or why
             error, file = (error or why), None
         with self.lock:

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from sdbatch.errors import InputError, OutputLocked
+from sdbatch.files import write_atomic
 from sdbatch.jobs import load_job
 from sdbatch.output.manifest import run_lock
 from sdbatch.plan import plan_job
@@ -385,3 +386,13 @@ def test_names_at_the_file_name_limit_still_write(tmp_path, monkeypatch):
     job = write_job(tmp_path, f"name: n\nprompt: {'é' * 300}\nseed: [1, 2]\nfilename: '{{prompt}}{{seed}}'\n")
     assert run(job, tmp_path / "out").exit_code == 0
     assert_complete(job, tmp_path / "out")
+
+
+def test_a_name_near_the_limit_still_gets_a_temp_file_that_fits(tmp_path, monkeypatch):
+    """The temp name adds `.`, `.tmp-`, the host and the pid: for a long name it is shortened (and
+    keeps a hash of the whole name), so writing never fails with 'File name too long'."""
+    monkeypatch.setattr("socket.gethostname", lambda: "h" * 64)  # hosts can have 64-byte names
+    for name in ("a" * 251 + ".png", "é" * 125 + ".png"):
+        write_atomic(tmp_path / name, b"x")
+        assert (tmp_path / name).read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a" * 251 + ".png", "é" * 125 + ".png"])
