@@ -78,18 +78,19 @@ def check_model(
 ) -> None:
     """Load a model fully and say what it is: kind, hash, sizes and where its tokenizer comes from."""
     from .checkpoints import describe, load_model, model_hash, resolve_model
+    from .output.names import printable
     from .tokenizer import load_tokenizer
 
     with _guard():
         path = resolve_model(path)
         kind, shapes, _ = describe(path)
-        _say(f"{path}: {kind.description} ({len(shapes)} tensors)")
+        _say(printable(f"{path}: {kind.description} ({len(shapes)} tensors)"))
         loaded = load_model(path, vae=vae, config=config)
         model = loaded.model
         for name, part in (("unet", model.unet), ("vae", model.vae), ("text encoder", model.text_encoder)):
             _say(f"  {name:<13}{sum(p.numel() for p in part.parameters()):>14,} parameters")
         _say(f"  config       {loaded.config.name}")
-        _say(f"  tokenizer    {load_tokenizer(path, vocab_size=loaded.config.clip.vocab_size).source}")
+        _say(printable(f"  tokenizer    {load_tokenizer(path, vocab_size=loaded.config.clip.vocab_size).source}"))
         if hash_:
             _say(f"  model hash   {model_hash(path)}")
 
@@ -113,13 +114,17 @@ def _output(text: str | None) -> Path | None:
 @app.command()
 def validate(job_file: JobArg) -> None:
     """Check a job file, its model's header, images and prompt files; render nothing. Exit 2 on any problem."""
+    from .checkpoints import check_model_files
+    from .output.names import printable
+
     with _guard():
         job = load_job(job_file)
         model = ModelInfo.of(job.model, job.vae)
+        check_model_files(model.path, model.vae)  # both headers, kinds, configs and key shapes; no weights read
         job.check(model.size, model.cfg)  # the rules again, at the model's own size
     slots = job.random_slots()
     extra = f" ({sum(slots.values())} seeds drawn at random when it first runs)" if slots else ""
-    _say(f"{job_file}: ok: {job.size()} images in {len(job.runs)} run(s){extra}")
+    _say(f"{printable(str(job_file))}: ok: {job.size()} images in {len(job.runs)} run(s){extra}")
 
 
 @app.command()
@@ -241,25 +246,38 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 @app.command()
 def inspect(image: Annotated[Path, typer.Argument(help="A PNG written by sdbatch or A1111.")]) -> None:
     """Print the recipe stored in an image (sdbatch's own, else A1111's parameters text)."""
+    from .output.names import printable
+    from .recipe import Recipe
+
     with _guard():
         text = read_png_text(image)
+        shown = printable(str(image))
         if "sdbatch" in text:
+            damaged = f"{shown}: its sdbatch metadata is damaged"
             try:
                 meta = json.loads(text["sdbatch"])
-                task, model = dict(meta.get("task", {})), dict(meta.get("model", {}))
-            except (ValueError, TypeError, AttributeError) as e:
-                raise InputError(f"{image}: its sdbatch metadata is damaged ({e})") from None
-            _say(f"{image} (sdbatch {meta.get('version')}, job {meta.get('job')})")
-            _say(f"  model      {model.get('name')} ({model.get('path')}, sha256 {model.get('sha256')})")
+            except (ValueError, RecursionError) as e:
+                raise InputError(f"{damaged} (not JSON: {e})") from None
+            if not isinstance(meta, dict):
+                raise InputError(f"{damaged} (a JSON {type(meta).__name__}, not an object)")
+            task, model = meta.get("task", {}), meta.get("model", {})
+            if not isinstance(task, dict) or not isinstance(model, dict):
+                raise InputError(f"{damaged} (its task and model must be JSON objects)")
+            try:
+                Recipe.from_record(task, where=f"{damaged}: ")  # values of the wrong type or out of range
+            except (OverflowError, RecursionError) as e:
+                raise InputError(f"{damaged} (a value is out of range: {e})") from None
+            _say(printable(f"{image} (sdbatch {meta.get('version')}, job {meta.get('job')})"))
+            _say(printable(f"  model      {model.get('name')} ({model.get('path')}, sha256 {model.get('sha256')})"))
             for key in (*FIELDS, "id"):
                 if key in task and (task[key] is not None or key not in ("init_image", "mask")):
-                    _say(f"  {key:<10} {task[key]}")
+                    _say(printable(f"  {key:<10} {task[key]}"))
         elif "parameters" in text:
-            _say(f"{image} (A1111 parameters)")
+            _say(f"{shown} (A1111 parameters)")
             for key, value in parse_a1111_parameters(text["parameters"]).items():
-                _say(f"  {key:<18} {value}")
+                _say(printable(f"  {key:<18} {value}"))
         else:
-            raise InputError(f"{image}: carries no generation parameters (no sdbatch or A1111 metadata)")
+            raise InputError(f"{shown}: carries no generation parameters (no sdbatch or A1111 metadata)")
 
 
 @app.command()
@@ -278,8 +296,12 @@ def rerun(
 @app.command()
 def sheets(folder: Annotated[Path, typer.Argument(help="An output folder with a manifest.")]) -> None:
     """(Re)build the contact sheets of an output folder, e.g. after all shards of a job are done."""
+    from .output.names import printable
+
     with _guard():
+        if not folder.is_dir():
+            raise InputError(f"{printable(str(folder))}: not a folder")
         if not any(folder.glob("manifest*.jsonl")):
-            raise InputError(f"{folder}: no manifest.jsonl here; is it an sdbatch output folder?")
+            raise InputError(f"{printable(str(folder))}: no manifest.jsonl here; is it an sdbatch output folder?")
         for path in make_sheets(folder):
-            _say(f"sheet: {path}")
+            _say(printable(f"sheet: {path}"))

@@ -4,12 +4,22 @@ Torch-free, so that job validation can check images without importing torch; the
 the results into tensors.
 """
 
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
 import numpy as np
 from PIL import Image
 
 from .errors import InputError
 
 ASPECT_TOLERANCE = 0.01  # init images whose aspect differs more than this are refused, not stretched
+# Images larger than this are refused before their pixels are decoded: a few KB of PNG can claim
+# 30000x30000 pixels (a "decompression bomb"). 100 megapixels is a 12000x8000 photograph.
+MAX_IMAGE_PIXELS = 100_000_000
+T = TypeVar("T")
 
 
 class ImageError(InputError):
@@ -50,8 +60,52 @@ def fit(image: Image.Image, width: int, height: int, what: str) -> Image.Image:
     return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
-def open_image(path: str) -> Image.Image:
-    """The image at `path`, fully read (the file is closed again)."""
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
+def open_image(path: str | Path, what: str | None = None) -> Image.Image:
+    """The image at `path`, fully decoded (the file is closed again); ImageError saying why when
+    it is missing, not an image, truncated, damaged, or larger than MAX_IMAGE_PIXELS."""
+    what = what or str(path)
+    image = read_image(path, lambda im: im.copy(), what)
+    try:
+        to_rgb(image.crop((0, 0, 1, 1)))  # a mode that cannot become RGB (LAB, say) fails here, not mid-job
+    except Exception as e:
+        raise ImageError(f"{what}: an image of mode {image.mode}, which cannot become RGB ({_first_line(e)})") from None
+    return image
+
+
+def read_image(path: str | Path, take: Callable[[Image.Image], T], what: str | None = None) -> T:
+    """`take(image)` of the image at `path` once its size is known to be at most MAX_IMAGE_PIXELS
+    and its pixels are decoded (so text chunks after the pixel data are read too); ImageError
+    saying why for a missing, damaged, truncated or oversized file. Pillow's own bomb limits
+    apply on top, and its warning is silenced since this limit is the one that counts."""
+    what = what or str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageError(_too_large(what, f"{w}x{h} = {w * h:,} pixels"))
+                im.load()
+                return take(im)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{what}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{what}: is a folder, not an image") from None
+    except PermissionError:
+        raise ImageError(f"{what}: cannot be read (permission denied)") from None
+    except Image.DecompressionBombError as e:
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageError(_too_large(what, f"{int(m[1]):,} pixels" if m else "too many pixels")) from None
+    except Exception as e:  # Pillow's decoders raise many types on a damaged file
+        raise ImageError(f"{what}: not an image Pillow can read ({_first_line(e)})") from None
+
+
+def _too_large(what: str, size: str) -> str:
+    return f"{what}: {size}, more than the {MAX_IMAGE_PIXELS:,} an image may have (a decompression bomb?)"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]

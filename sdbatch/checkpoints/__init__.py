@@ -20,9 +20,11 @@ from .source import (
     DiffusersFolder,
     ModelSource,
     SingleFile,
+    check_model_files,
     config_from_diffusers,
     is_diffusers_folder,
     open_model,
+    spot_shapes,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +77,7 @@ __all__ = [
     "TensorRef",
     "WeightsFile",
     "cache_dir",
+    "check_model_files",
     "check_tensors",
     "config_from_diffusers",
     "describe",
@@ -90,5 +93,6 @@ __all__ = [
     "read_weights",
     "resolve_model",
     "save_checkpoint",
+    "spot_shapes",
     "weights_dir",
 ]

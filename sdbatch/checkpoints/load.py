@@ -15,9 +15,9 @@ from safetensors import SafetensorError
 from ..convert import PREFIXES
 from ..files import write_atomic
 from ..models import SDConfig, StableDiffusion, build_model, get_config
-from .kinds import VAE_PREFIX, Kind, detect_kind
-from .read import SHOW, CheckpointError, TensorRef, first_line, read_weights
-from .source import CONFIG_METADATA_KEY, component_file, diffusers_view, is_diffusers_folder, open_model
+from .kinds import VAE_PREFIX, Kind
+from .read import SHOW, CheckpointError, TensorRef, first_line
+from .source import CONFIG_METADATA_KEY, open_model, vae_view
 
 # Keys outside our three prefixes (EMA copies under model_ema., the noise-schedule buffers the LDM code
 # saved, loss weights) are never looked at. Inside them only CLIP's position_ids is skipped: it is
@@ -71,25 +71,8 @@ def _resolve_config(config: str | SDConfig) -> SDConfig:
 
 
 def _vae_view(path: Path, cfg: SDConfig) -> dict[str, TensorRef]:
-    """VAE weights from a VAE file (LDM keys with or without `first_stage_model.`, or diffusers keys),
-    a diffusers VAE folder, a full diffusers folder, or a full SD1 checkpoint."""
-    vae_keys = [k for k in _expected_shapes(cfg) if k.startswith(VAE_PREFIX)]
-    if path.is_dir():
-        folder = path / "vae" if is_diffusers_folder(path) else path
-        return diffusers_view({"vae": read_weights(component_file(folder))}, vae_keys, cfg)
-    weights = read_weights(path)
-    kind = detect_kind(weights.shapes())
-    if kind.name == "vae-diffusers":
-        return diffusers_view({"vae": weights}, vae_keys, cfg)
-    if kind.name in ("sd1-vae", "sd1", "sd1-inpainting"):
-        view = {}
-        for key, ref in weights.tensors.items():
-            if key.startswith(VAE_PREFIX):
-                view[key] = ref
-            elif key.split(".")[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
-                view[VAE_PREFIX + key] = ref
-        return view
-    raise CheckpointError(f"{path}: given as a VAE but it is {kind.description}")
+    """VAE weights from a VAE file or folder, or another SD1 checkpoint (`source.vae_view`)."""
+    return vae_view(path, _expected_shapes(cfg), cfg)
 
 
 _SHAPES_CACHE: dict[SDConfig, dict[str, tuple[int, ...]]] = {}

@@ -19,15 +19,24 @@ def resolve_model(model: str | Path) -> Path:
     """A path as given, or a name looked up in the weights folder, then in the checkout's weights/
     (which holds the shipped `demo`). A folder holding `model.safetensors` stands for that file."""
     path = Path(model)
-    if path.exists():
+    if _exists(path):
         return _model_file(path)
     looked = []
     for base in dict.fromkeys((weights_dir(), SHIPPED_WEIGHTS)):
         for candidate in (base / path, base / f"{model}.safetensors", base / f"{model}.ckpt"):
             looked.append(str(candidate))
-            if candidate.exists():
+            if _exists(candidate):
                 return _model_file(candidate)
-    raise CheckpointError(f"model {str(model)!r} not found; looked for {', '.join(looked[:4])}")
+    shown = str(model) if len(str(model)) <= 200 else str(model)[:199] + "…"
+    raise CheckpointError(f"model {shown!r} not found; looked for {', '.join(p[:300] for p in looked[:4])}")
+
+
+def _exists(path: Path) -> bool:
+    """A path the OS cannot even look up (a name too long, a NUL) names no model."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _model_file(path: Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..convert import LEGACY_VAE_ATTN, PREFIXES, diffusers_key, is_vae_attn_matrix
-from ..models.configs import CONFIGS, CLIPConfig, SDConfig, UNetConfig, VAEConfig
+from ..models.configs import CONFIGS, CLIPConfig, SDConfig, UNetConfig, VAEConfig, check_config
 from .hashing import file_sha256
 from .kinds import VAE_PREFIX, Kind, detect_kind
 from .read import CheckpointError, TensorRef, WeightsFile, read_weights
@@ -85,8 +85,14 @@ class SingleFile(ModelSource):
             return CONFIGS["sd15-inpainting" if self.kind.name == "sd1-inpainting" else "sd15"]
         try:
             return SDConfig.from_dict(json.loads(stored))
-        except (ValueError, TypeError, KeyError) as e:
-            raise CheckpointError(f"{self.path}: its '{CONFIG_METADATA_KEY}' metadata is unreadable ({e!r})") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{self.path}: its '{CONFIG_METADATA_KEY}' metadata is not JSON ({e})") from None
+        except KeyError as e:
+            raise CheckpointError(f"{self.path}: its '{CONFIG_METADATA_KEY}' metadata lacks {e}") from None
+        except (ValueError, TypeError, RecursionError) as e:
+            raise CheckpointError(
+                f"{self.path}: its '{CONFIG_METADATA_KEY}' metadata is not a usable config ({_short(e)})"
+            ) from None
 
     def defaults(self) -> dict[str, Any]:
         stored = self.weights.metadata.get(DEFAULTS_METADATA_KEY)
@@ -145,6 +151,95 @@ class DiffusersFolder(ModelSource):
         return diffusers_view({c: read_weights(f) for c, f in self.files().items()}, keys, cfg)
 
 
+def vae_view(path: Path, keys: Iterable[str], cfg: SDConfig) -> dict[str, TensorRef]:
+    """VAE weights (LDM-keyed refs to those of `keys` it has) from a VAE file (LDM keys with or
+    without `first_stage_model.`, or diffusers keys), a diffusers VAE folder, a full diffusers
+    folder, or a full SD1 checkpoint; CheckpointError when `path` holds no VAE."""
+    keys = [k for k in keys if k.startswith(VAE_PREFIX)]
+    if path.is_dir():
+        folder = path / "vae" if is_diffusers_folder(path) else path
+        return diffusers_view({"vae": read_weights(component_file(folder))}, keys, cfg)
+    weights = read_weights(path)
+    kind = detect_kind(weights.shapes())
+    if kind.name == "vae-diffusers":
+        return diffusers_view({"vae": weights}, keys, cfg)
+    if kind.name in ("sd1-vae", "sd1", "sd1-inpainting"):
+        view = {}
+        for key, ref in weights.tensors.items():
+            if key.startswith(VAE_PREFIX):
+                view[key] = ref
+            elif key.split(".")[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
+                view[VAE_PREFIX + key] = ref
+        return view
+    raise CheckpointError(f"{path}: given as a VAE but it is {kind.description}")
+
+
+def spot_shapes(cfg: SDConfig) -> dict[str, tuple[int, ...]]:
+    """A few tensors whose shapes follow from each config value (channels, heads' context, latent
+    channels, vocabulary, positions, layers): enough to tell, torch-free and from headers alone,
+    whether a file fits its config. Loading checks every tensor (`load.check_tensors`)."""
+    u, v, c = cfg.unet, cfg.vae, cfg.clip
+    unet, vae, text = PREFIXES["unet"], PREFIXES["vae"], PREFIXES["text_encoder"] + "text_model."
+    mc = u.model_channels
+    shapes = {
+        f"{unet}input_blocks.0.0.weight": (mc, u.in_channels, 3, 3),
+        f"{unet}out.2.weight": (u.out_channels, mc, 3, 3),
+        f"{unet}time_embed.0.weight": (u.time_embed_dim, mc),
+        f"{vae}encoder.conv_in.weight": (v.ch, v.image_channels, 3, 3),
+        f"{vae}decoder.conv_in.weight": (v.ch * v.ch_mult[-1], v.z_channels, 3, 3),
+        f"{vae}quant_conv.weight": (2 * v.z_channels, 2 * v.z_channels, 1, 1),
+        f"{vae}post_quant_conv.weight": (v.z_channels, v.z_channels, 1, 1),
+        f"{text}embeddings.token_embedding.weight": (c.vocab_size, c.width),
+        f"{text}embeddings.position_embedding.weight": (c.max_positions, c.width),
+        f"{text}encoder.layers.{c.layers - 1}.mlp.fc1.weight": (c.mlp, c.width),
+    }
+    for level, (mult, attention) in enumerate(zip(u.channel_mult, u.attention_levels, strict=True)):
+        if attention:  # the first attention block: its cross-attention reads the text encoder's width
+            block = 1 + level * (u.num_res_blocks + 1)
+            key = f"{unet}input_blocks.{block}.1.transformer_blocks.0.attn2.to_k.weight"
+            shapes[key] = (mc * mult, u.context_dim)
+            break
+    return shapes
+
+
+def check_model_files(path: Path, vae: Path | None = None) -> SDConfig:
+    """Everything about a model and its VAE that can be known without torch and without reading
+    weights: each file's header, kind and config, and the shapes of `spot_shapes` in both. The
+    config, or CheckpointError naming the file and what does not fit. (`sdbatch validate`.)"""
+    source = open_model(path)
+    source.require_loadable()
+    cfg = source.config()
+    wanted = spot_shapes(cfg)
+    view = source.view(wanted, cfg)
+    if vae is not None:
+        vae = Path(vae)
+        if not vae.exists():
+            raise CheckpointError(f"{vae}: no such file (given as the VAE)")
+        vae_refs = vae_view(vae, wanted, cfg)
+        _fits(vae, cfg, {k: s for k, s in wanted.items() if k.startswith(VAE_PREFIX)}, vae_refs, "VAE ")
+        wanted = {k: s for k, s in wanted.items() if not k.startswith(VAE_PREFIX)}
+    elif not any(k.startswith(VAE_PREFIX) for k in view):
+        raise CheckpointError(f"{source.path}: the file has no VAE: give one with `vae:` (or --vae)")
+    _fits(source.path, cfg, wanted, view, "")
+    return cfg
+
+
+def _fits(path: Path, cfg: SDConfig, wanted: dict[str, tuple[int, ...]], view: dict[str, TensorRef], what: str) -> None:
+    missing = [k for k in wanted if k not in view]
+    wrong = [
+        f"{k} {list(view[k].shape)} (config wants {list(s)})"
+        for k, s in wanted.items()
+        if k in view and tuple(view[k].shape) != s
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{what}tensors missing: {', '.join(missing[:3])}")
+    if wrong:
+        problems.append(f"{what}tensors of the wrong shape: {', '.join(wrong[:3])}")
+    if problems:
+        raise CheckpointError(f"{path}: does not fit model config '{cfg.name}': " + "; ".join(problems))
+
+
 def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
 
@@ -188,11 +283,15 @@ def component_file(folder: Path) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        if path.stat().st_size > 2**20:
+            raise CheckpointError(f"{path}: larger than 1 MB, which no config.json is")
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (every diffusers component folder has a config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path}: not valid JSON ({_short(e)})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a config (a JSON object); it holds {type(data).__name__}")
     return data
@@ -204,6 +303,10 @@ def config_from_diffusers(folder: Path) -> SDConfig:
         raise CheckpointError(
             f"{folder}: this is an SDXL diffusers folder (it has text_encoder_2/); sdbatch supports SD 1.x only"
         )
+    if (folder / "model_index.json").is_file():
+        pipeline = _read_json(folder / "model_index.json").get("_class_name")
+        if isinstance(pipeline, str) and "XL" in pipeline:
+            raise CheckpointError(f"{folder}: a {pipeline} folder; sdbatch supports SD 1.x only")
     unet, vae, text = (_read_json(folder / c / "config.json") for c in ("unet", "vae", "text_encoder"))
     heads = unet.get("attention_head_dim", 8)
     if (
@@ -218,20 +321,44 @@ def config_from_diffusers(folder: Path) -> SDConfig:
             f"{heads}); SD 2.x and later are not supported"
         )
     try:
-        return SDConfig(
+        cfg = SDConfig(
             name=f"diffusers:{folder.name}", unet=_unet_config(unet), vae=_vae_config(vae), clip=_clip_config(text)
         )
-    except (KeyError, TypeError, IndexError, ZeroDivisionError, AttributeError) as e:
-        raise CheckpointError(f"{folder}: a config.json lacks or mangles a field ({e!r})") from None
+    except KeyError as e:
+        raise CheckpointError(f"{folder}: a config.json lacks the field {e}") from None
+    except (TypeError, IndexError, ZeroDivisionError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{folder}: a config.json mangles a field ({_short(e)})") from None
+    try:
+        return check_config(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: its config.json files describe no usable model ({_short(e)})") from None
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
+def _channels(config: dict, what: str) -> tuple[int, tuple[int, ...]]:
+    """`block_out_channels` [320, 640, 1280, 1280] as (320, (1, 2, 4, 4))."""
+    channels = config["block_out_channels"]
+    if (
+        not isinstance(channels, list)
+        or not channels
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)
+        or any(c % channels[0] for c in channels)
+    ):
+        raise ValueError(f"{what} block_out_channels {channels!r}: positive multiples of the first")
+    return channels[0], tuple(c // channels[0] for c in channels)
 
 
 def _unet_config(unet: dict) -> UNetConfig:
-    channels = unet["block_out_channels"]
+    channels, mult = _channels(unet, "unet")
     return UNetConfig(
         in_channels=unet["in_channels"],
         out_channels=unet["out_channels"],
-        model_channels=channels[0],
-        channel_mult=tuple(c // channels[0] for c in channels),
+        model_channels=channels,
+        channel_mult=mult,
         num_res_blocks=unet["layers_per_block"],
         attention_levels=tuple(t.startswith("CrossAttn") for t in unet["down_block_types"]),
         num_heads=unet.get("attention_head_dim", 8),
@@ -241,10 +368,10 @@ def _unet_config(unet: dict) -> UNetConfig:
 
 
 def _vae_config(vae: dict) -> VAEConfig:
-    channels = vae["block_out_channels"]
+    channels, mult = _channels(vae, "vae")
     return VAEConfig(
-        ch=channels[0],
-        ch_mult=tuple(c // channels[0] for c in channels),
+        ch=channels,
+        ch_mult=mult,
         num_res_blocks=vae["layers_per_block"],
         z_channels=vae["latent_channels"],
         image_channels=vae["in_channels"],

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from ..images import ImageError, open_image
+from ..output.names import text_problem
 from ..recipe import DEFAULTS, FIELDS, RULES
 from ..samplers import SAMPLER_NAMES, SAMPLERS
 from .ranges import MAX_AXIS_VALUES, RangeError, parse_range
@@ -28,6 +28,7 @@ YAML_DEFAULTS: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k != "prom
 }
 RUN_OPTIONS = {"batch_size": "auto"}  # run keys that are not recipe fields (they change speed, not images)
 PARAMS = (*FIELDS, *RUN_OPTIONS)
+MAX_PROMPT_FILE = 16 * 2**20  # bytes; a prompt file is text someone wrote, not /dev/zero
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class Context:
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def show(value: Any) -> str:
-    """A YAML value as a user would recognise it in a message."""
+def show(value: Any, limit: int = 60) -> str:
+    """A YAML value as a user would recognise it in a message (one line, cut when long)."""
     if isinstance(value, bool):
         return f"{str(value).lower()} (a yes/no value)"
     if value is None:
@@ -55,7 +56,10 @@ def show(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    if isinstance(value, (set, frozenset, tuple, bytes)):
+        return f"a {type(value).__name__}"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def is_int(value: Any) -> bool:
@@ -78,13 +82,26 @@ def _prompt_file(item: dict, ctx: Context) -> list[str]:
     if set(item) != {"file"} or not isinstance(item["file"], str):
         raise ValueError("write a prompt file as {file: prompts.txt}")
     path = ctx.base / item["file"]
+    if not path.exists():
+        raise ValueError(f"prompt file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} is not a regular file")
+    with path.open("rb") as f:
+        data = f.read(MAX_PROMPT_FILE + 1)
+    if len(data) > MAX_PROMPT_FILE:
+        raise ValueError(f"prompt file {path} is larger than {MAX_PROMPT_FILE // 2**20} MB")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ValueError(f"prompt file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"prompt file {path} is not UTF-8 text") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"prompt file {path}:{line} is not UTF-8 text") from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            if problem := text_problem(line, multiline=True):
+                raise ValueError(f"prompt file {path}:{number} {problem}")
+            prompts.append(line)
     if not prompts:
         raise ValueError(f"prompt file {path} has no prompts (blank lines and # comments are skipped)")
     return prompts
@@ -98,12 +115,11 @@ def _image(item: Any, ctx: Context) -> list:
     path = (ctx.base / item).resolve()
     if not path.is_file():
         raise ValueError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            ctx.image_sizes[str(path)] = im.size
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path} is not an image Pillow can read ({e})") from None
+    if str(path) not in ctx.image_sizes:  # decoded in full once: a damaged image fails here, not mid-job
+        try:
+            ctx.image_sizes[str(path)] = open_image(path).size
+        except ImageError as e:
+            raise ValueError(str(e)) from None
     return [str(path)]
 
 
@@ -154,6 +170,8 @@ def _numbers(integer: bool) -> Callable[[Any, Context], list]:
             if item != int(item):
                 raise ValueError(f"must be a whole number, got {item}")
             return [int(item)]
+        if not integer and abs(item) > 1e300:  # an integer of 400 digits has no float
+            raise ValueError(f"{show(item)} is out of range")
         return [item if integer else float(item)]
 
     return parse

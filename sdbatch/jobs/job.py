@@ -17,14 +17,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from ..images import aspect_differs
-from ..output.names import DEFAULT_TEMPLATE, TOKENS
+from ..output.names import DEFAULT_TEMPLATE, printable, template_problem, text_problem, tokens
 from ..recipe import FIELDS, Recipe
+from ..render.devices import device_counts
 from .fields import MODEL, PARAMS, RUN_OPTIONS, YAML_DEFAULTS, Context, RandomSeeds, parse_item, show
 from .ranges import MAX_AXIS_VALUES
 from .yamlmarks import JobError, LineDict, LineList, Problem, parse_yaml
 
 MAX_TASKS = 1_000_000
+MAX_JOB_FILE = 16 * 2**20  # bytes: a job file is text someone wrote
+MAX_NAME_BYTES = 200  # the job's name is a folder name (255 bytes at most, with room to spare)
+MAX_TEXT_KEY_BYTES = 4000  # name, model, vae, output, devices, filename (a path is at most 4096)
+MULTILINE = ("prompt", "negative")  # text that may hold line breaks and tabs
 TOP_KEYS = ("name", "model", "vae", "output", "filename", "sheet", "devices", "defaults", "runs")
 RUN_KEYS = (*PARAMS, "sheet")
 AXES = FIELDS  # what can vary between the images of a run (and label a contact sheet's rows)
@@ -179,11 +185,21 @@ class Job:
                         )
 
 
-def draw_randoms(slots: dict[str, int], recorded: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Recorded draws, topped up with fresh ones where a slot needs more."""
+def draw_randoms(slots: dict[str, int], recorded: dict[str, Any], where: str = "randoms.json") -> dict[str, list[int]]:
+    """Recorded draws, topped up with fresh ones where a slot needs more. A recorded slot that is
+    not a list of seeds (a damaged or hand-edited record) is an InputError naming `where`: the
+    draws are what makes a resumed job render the same images, so they are never guessed."""
     out = {}
     for key, count in slots.items():
-        have = [int(v) for v in recorded.get(key, [])][:count]
+        have = recorded.get(key, []) if isinstance(recorded, dict) else []
+        if not isinstance(have, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64 for v in have
+        ):
+            raise InputError(
+                f"{where}: {key}: {show(have)} is not a list of seeds (whole numbers from 0 to 2**64-1); "
+                "fix it, or delete the file to draw new ones"
+            )
+        have = have[:count]
         out[key] = have + [secrets.randbelow(2**32) for _ in range(count - len(have))]
     return out
 
@@ -197,7 +213,7 @@ class _Checker:
 
     def __init__(self, file: Path):
         self.file = file
-        self.name = str(file)
+        self.name = printable(str(file))  # a file name need not be valid text: shown escaped
         self.ctx = Context(file.parent)
         self.problems: list[Problem] = []
 
@@ -248,30 +264,45 @@ class _Checker:
         if isinstance(value, str) and not value.strip():
             self.problem(data.lines[key], key, "must not be empty")
             return default
+        if isinstance(value, str) and len(value.encode()) > MAX_TEXT_KEY_BYTES:  # names, paths, templates
+            self.problem(data.lines[key], key, f"longer than {MAX_TEXT_KEY_BYTES:,} bytes")
+            return default
         return value
 
 
 def load_job(path: str | Path) -> Job:
     """Parse and validate a job file; raises JobError listing every problem found."""
     file = Path(path)
+    where = printable(str(file))
     try:
-        text = file.read_text(encoding="utf-8-sig")
+        with file.open("rb") as f:
+            data = f.read(MAX_JOB_FILE + 1)
     except FileNotFoundError:
-        raise JobError([Problem(str(file), 0, "", "job file not found")]) from None
+        raise JobError([Problem(where, 0, "", "job file not found")]) from None
     except IsADirectoryError:
-        raise JobError([Problem(str(file), 0, "", "is a folder, not a job file")]) from None
-    except UnicodeDecodeError:
-        raise JobError([Problem(str(file), 0, "", "not UTF-8 text")]) from None
+        raise JobError([Problem(where, 0, "", "is a folder, not a job file")]) from None
+    except (OSError, ValueError) as e:
+        raise JobError([Problem(where, 0, "", f"cannot be read ({getattr(e, 'strerror', None) or e})")]) from None
+    if len(data) > MAX_JOB_FILE:
+        raise JobError([Problem(where, 0, "", f"larger than {MAX_JOB_FILE // 2**20} MB; a job file is short text")])
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise JobError([Problem(where, line, "", "not UTF-8 text (a binary file, or another encoding?)")]) from None
     return parse_job(text, file)
 
 
 def parse_job(text: str, file: Path) -> Job:
-    data = parse_yaml(text, str(file))
+    data = parse_yaml(text, printable(str(file)))
     check = _Checker(file)
     if data is None:
-        raise JobError([Problem(str(file), 0, "", "the job file is empty; it needs at least a prompt")])
+        raise JobError([Problem(check.name, 0, "", "the job file is empty; it needs at least a prompt")])
     if not isinstance(data, LineDict):
-        raise JobError([Problem(str(file), 1, "", f"a job file is a mapping of keys (prompt: ...), not {show(data)}")])
+        raise JobError([Problem(check.name, 1, "", f"a job file is a mapping of keys (prompt: ...), not {show(data)}")])
+    _check_text(check, data, "", data.line, set())
+    if check.problems:  # text that cannot be written anywhere: nothing else is looked at
+        raise JobError(check.problems)
     check.unknown_keys(data, TOP_KEYS + PARAMS, "a job")
     job = _job_settings(check, data, file)
     defaults = _defaults(check, data)
@@ -287,11 +318,14 @@ def parse_job(text: str, file: Path) -> Job:
                 _sheet(check, block.get("sheet"), block.lines.get("sheet", 0)) if "sheet" in block else job.sheet
             )
             job.runs.append(run)
+    if not check.problems and (problem := template_problem(job.filename, _samples(job.runs))):
+        check.problem(data.lines.get("filename", 0), "filename", problem)
     if check.problems:
         raise JobError(check.problems)
     job.image_sizes = check.ctx.image_sizes
     if job.size() > MAX_TASKS:
-        raise JobError([Problem(str(file), 0, "", f"expands to {job.size():,} images (at most {MAX_TASKS:,} per job)")])
+        message = f"expands to {job.size():,} images (at most {MAX_TASKS:,} per job)"
+        raise JobError([Problem(check.name, 0, "", message)])
     job.check(size=512, cfg=7.5)  # every combination's rules, before any model is read
     return job
 
@@ -300,21 +334,38 @@ def _job_settings(check: _Checker, data: LineDict, file: Path) -> Job:
     """The job-wide keys: name, model, vae, output, devices, filename, sheet (no runs yet)."""
     name = check.text_key(data, "name", file.stem) or file.stem
     if re.search(r"[/\\\x00]", name) or name in (".", ".."):
-        check.problem(data.lines["name"], "name", f"{name!r} cannot name a folder; use letters, digits, - and _")
+        check.problem(data.lines["name"], "name", f"{show(name)} cannot name a folder; use letters, digits, - and _")
+        name = file.stem
+    elif len(name.encode()) > MAX_NAME_BYTES:
+        check.problem(data.lines["name"], "name", f"longer than {MAX_NAME_BYTES} bytes; it names a folder")
         name = file.stem
     model = check.text_key(data, "model", "demo") or "demo"
     vae = check.text_key(data, "vae", None)
-    if vae is not None and (file.parent / vae).exists():
+    if vae is not None and _exists(file.parent / vae):
         vae = str((file.parent / vae).resolve())
-    if model != "demo" and (file.parent / model).exists():
+    elif vae is not None and not _exists(Path(vae)):
+        check.problem(data.lines["vae"], "vae", f"{file.parent / vae} does not exist")
+    if model != "demo" and _exists(file.parent / model):
         model = str((file.parent / model).resolve())
     output_text = check.text_key(data, "output", None)
     output = (file.parent / output_text).resolve() if output_text else Path("outputs") / name
     devices = str(check.text_key(data, "devices", "auto"))
+    try:
+        device_counts(devices)
+    except InputError as e:
+        check.problem(data.lines.get("devices", 0), "devices", str(e).removeprefix("--devices: "))
     filename = check.text_key(data, "filename", DEFAULT_TEMPLATE) or DEFAULT_TEMPLATE
     _check_filename(check, filename, data.lines.get("filename", 0))
     sheet = _sheet(check, data.get("sheet"), data.lines.get("sheet", 0))
     return Job(file, name, model, vae, output, filename, devices, [], sheet)
+
+
+def _exists(path: Path) -> bool:
+    """Whether a path names something; a path the OS refuses to look up (too long) names nothing."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _defaults(check: _Checker, data: LineDict) -> LineDict:
@@ -373,14 +424,52 @@ def _parse_run(check: _Checker, index: int, block: LineDict, defaults: LineDict,
 
 
 def _check_filename(check: _Checker, template: str, line: int) -> None:
-    sample = dict.fromkeys(TOKENS, 0) | {"slug": "a", "id": "0" * 16, "sampler": "euler", "prompt": "a"}
-    try:
-        template.format(**sample)
-    except (KeyError, IndexError, ValueError) as e:
-        check.problem(line, "filename", f"bad template ({e}); fields: {', '.join(TOKENS)}")
-        return
+    """The template's form; its fields' types are checked against the runs once they are read."""
     if "/" in template or "\\" in template:
         check.problem(line, "filename", "must not contain / : images go directly into the output folder")
+    elif problem := template_problem(template):
+        check.problem(line, "filename", problem)
+
+
+def _samples(runs: list[Run]) -> list[dict[str, Any]]:
+    """File-name tokens of one task per run and mode, with the types the run's tasks will have:
+    a template that formats these formats every task (`{cfg:d}` fails on cfg 7.5 here, at once,
+    not when the plan names the files; `{strength:.2f}` fails on a txt2img run's empty strength)."""
+    samples = []
+    for run in runs:
+        first = {k: next((v for v in vs if v is not MODEL), None) for k, vs in run.values.items()}
+        base = dict(first, size=first["size"] or (512, 512), cfg=first["cfg"] if first["cfg"] is not None else 7.5)
+        base["seed"] = 0 if isinstance(base["seed"], RandomSeeds) else base["seed"]
+        images = [p for p in run.values["init_image"] if p is not None]
+        modes = ([None] if None in run.values["init_image"] else []) + images[:1]
+        for init in modes:
+            strength = None if init is None else (base["strength"] if base["strength"] is not None else 0.75)
+            recipe = Recipe(**(base | {"init_image": init, "strength": strength}))
+            samples.append(tokens(Task(0, run.index, "0" * 16, recipe)))
+    return samples
+
+
+def _check_text(check: _Checker, value: Any, field: str, line: int, seen: set[int]) -> None:
+    """Every key and every text value of the document: no lone surrogates, no control characters
+    (line breaks and tabs only in prompts). Such text cannot be written into a file name, a folder
+    name, a PNG chunk or a terminal, so it is refused before anything else reads the job."""
+    if isinstance(value, str):
+        if problem := text_problem(value, multiline=field.rsplit(".", 1)[-1] in MULTILINE):
+            check.problem(line, field or "text", problem)
+        return
+    if not isinstance(value, (LineDict, LineList)) or id(value) in seen:
+        return
+    seen.add(id(value))  # an alias names the same object again: look at it once
+    if isinstance(value, LineDict):
+        for key, item in value.items():
+            label = printable(key)[:40]
+            if problem := text_problem(key):
+                check.problem(value.lines[key], label, f"the key {problem}")
+            _check_text(check, item, f"{field}.{label}" if field else label, value.lines[key], seen)
+    else:
+        for i, (item, item_line) in enumerate(zip(value, value.lines, strict=True)):
+            label = f"{field}[{i}]" if field and isinstance(item, LineDict) else field
+            _check_text(check, item, label, item_line, seen)
 
 
 def _sheet(check: _Checker, raw: Any, line: int) -> dict[str, str | None]:
@@ -393,6 +482,8 @@ def _sheet(check: _Checker, raw: Any, line: int) -> dict[str, str | None]:
     for key, value in raw.items():
         if key not in ("x", "y"):
             check.problem(raw.lines[key], f"sheet.{key}", "unknown key; sheet takes x and y")
+        elif value is not None and not isinstance(value, str):
+            check.problem(raw.lines[key], f"sheet.{key}", f"must be a parameter name, got {show(value)}")
         elif value is not None and value not in AXES:
             guess = difflib.get_close_matches(str(value), AXES, n=1)
             hint = f"; did you mean {guess[0]!r}?" if guess else f" (axes: {', '.join(AXES)})"

@@ -1,13 +1,24 @@
-"""File names of images: a template filled in from the task, reduced to safe characters."""
+"""File names of images: a template filled in from the task, reduced to safe characters and a
+safe length. Also what user text may hold at all (no lone surrogates, no control characters), since
+that text ends up in file names, folder names, PNG chunks and terminal output."""
 
 import re
+import string
+import unicodedata
+from collections.abc import Iterable
 from typing import Any
 
+from ..errors import InputError
 from ..recipe import FIELDS
 
 DEFAULT_TEMPLATE = "{index:05d}-{seed}-{slug}"
 # tokens: every recipe field, plus where the task stands in its job and a short form of its prompt
 TOKENS = (*FIELDS, "index", "run", "id", "slug", "width", "height")
+# A file name, `.png` included, is at most this many bytes: the plan may append `-` and a 64-digit
+# task id to a name that collides, and the result must stay within the 255 bytes of a file name.
+MAX_NAME_BYTES = 180
+MAX_FORMAT_WIDTH = 200  # widths and precisions in a template's format specs ({seed:>999999999} is refused)
+_FORMAT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -33,7 +44,88 @@ def tokens(task: Any) -> dict[str, Any]:
     }
 
 
+def template_problem(template: str, samples: Iterable[dict[str, Any]] = ()) -> str | None:
+    """What is wrong with a file-name template, or None. Only plain fields (`{seed}`, not
+    `{prompt.__class__}` or `{prompt[0]}`), no nested fields, widths and precisions of at most
+    MAX_FORMAT_WIDTH, no `c` (a character from a number), and it must format each of `samples`
+    (token values of the job's real types): so a template never fails halfway through a job."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return f"bad template ({e}); fields: {', '.join(TOKENS)}"
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in TOKENS:
+            if re.match(r"\w+[.\[]", name) and re.match(r"\w+", name)[0] in TOKENS:
+                return f"{{{name}}}: only plain fields such as {{seed}}, no attribute or index access"
+            shown = "{}" if not name else f"{{{name}}}"
+            return f"bad template (unknown field {shown}); fields: {', '.join(TOKENS)}"
+        if conversion not in (None, "s", "r", "a"):
+            return f"{{{name}!{conversion}}}: unknown conversion; use !s, !r or none"
+        if "{" in spec or "}" in spec:
+            return f"{{{name}:{spec}}}: fields inside a format spec are not allowed"
+        if any(len(d) > 3 or int(d) > MAX_FORMAT_WIDTH for d in re.findall(r"\d+", spec)):
+            return f"{{{name}:{spec}}}: widths and precisions are at most {MAX_FORMAT_WIDTH}"
+        if spec.endswith("c"):
+            return f"{{{name}:{spec}}}: the c format (a character from a number) is not allowed"
+    for sample in samples:
+        try:
+            template.format(**sample)
+        except _FORMAT_ERRORS as e:
+            return f"bad template ({e}) for a task with {_describe(sample)}"
+    return None
+
+
+def _describe(sample: dict[str, Any]) -> str:
+    """The values of a sample whose types decide formatting, e.g. `cfg 7.5, strength ''`."""
+    return ", ".join(f"{k} {sample[k]!r}" for k in ("seed", "cfg", "steps", "strength") if k in sample)
+
+
 def file_name(template: str, task: Any) -> str:
-    """The template filled in from the task, reduced to safe characters, with `.png` added."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", template.format(**tokens(task))).strip(".-") or task.id
-    return name[:200] + ".png"
+    """The template filled in from the task, reduced to safe characters and at most MAX_NAME_BYTES
+    (cut at a character boundary), with `.png` added."""
+    try:
+        text = template.format(**tokens(task))
+    except _FORMAT_ERRORS as e:  # jobs check templates when loaded; this guards other callers
+        raise InputError(f"filename template {template!r}: {e}") from None
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-") or task.id
+    return cut_utf8(name, MAX_NAME_BYTES - len(".png")).rstrip(".") + ".png"
+
+
+def cut_utf8(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, never inside a character."""
+    data = text.encode("utf-8", errors="surrogatepass")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
+
+
+# ----------------------------------------------------------------------------------------------------
+# what user text may hold
+
+_BAD_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # one-line text: names, paths, keys
+_BAD_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")  # prompts may hold tabs and newlines
+
+
+def text_problem(text: str, multiline: bool = False) -> str | None:
+    """Why a piece of user text cannot be used, or None. Lone surrogates (`"\\ud800"` in YAML or
+    JSON) cannot be written to a file, a file name or a PNG chunk; control characters corrupt
+    names, metadata and terminals. `multiline` allows tabs and line breaks (prompts)."""
+    m = (_BAD_TEXT if multiline else _BAD_LINE).search(text)
+    if m is None:
+        return None
+    code = ord(m[0])
+    if 0xD800 <= code <= 0xDFFF:
+        return f"holds a lone surrogate \\u{code:04x}, which is not a character (text decoded wrongly?)"
+    if code == 0:
+        return "holds a NUL character (\\x00)"
+    if m[0] in "\n\r":
+        return "holds a line break; it must be one line"
+    return f"holds the control character U+{code:04X}; remove it"
+
+
+def printable(text: str) -> str:
+    """Text safe to print: control characters and lone surrogates shown as escapes, so that
+    metadata read from a file can neither break the output's encoding nor drive the terminal."""
+    return "".join(
+        c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cs") else repr(c)[1:-1] for c in str(text)
+    )

@@ -5,7 +5,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from ..errors import InputError
+from ..images import read_image
+from .names import printable
 
 
 def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
@@ -18,11 +19,7 @@ def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
 
 
 def read_png_text(path: str | Path) -> dict[str, str]:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return dict(getattr(im, "text", {}) or {})
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except OSError as e:
-        raise InputError(f"{path}: not an image Pillow can read ({e})") from None
+    """The text chunks of an image (tEXt, zTXt, iTXt), read under the image limits of
+    `sdbatch.images` (size, decompression bombs, damage): InputError saying why, never a crash."""
+    text = read_image(path, lambda im: dict(getattr(im, "text", {}) or {}), printable(str(path)))
+    return {str(k): str(v) for k, v in text.items() if isinstance(k, str) and isinstance(v, str)}

@@ -1,5 +1,6 @@
 """Devices: which ones a `--devices` value names, how large a batch fits, and out-of-memory back-off."""
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -9,24 +10,52 @@ Results = list[tuple[Any, str | None]]  # per task: (PIL image or None, error or
 Render = Callable[[list], Results]
 
 
+MAX_WORKERS = 64  # workers one --devices value may ask for, all devices together
+
+
+def device_counts(text: str | None) -> list[tuple[str, int]]:
+    """The syntax of a `--devices` value, torch-free (jobs check their `devices:` with it):
+    `auto`, or comma-separated `cpu`, `cuda`, `cuda:N`, each optionally `*K` for K workers on it.
+    Returns (name, workers) pairs, `cuda` spelled `cuda:0`; InputError for anything else."""
+    text = (text or "auto").strip().lower()
+    if text == "auto":
+        return [("auto", 1)]
+    out: list[tuple[str, int]] = []
+    for item in (part.strip() for part in text.split(",")):
+        m = re.fullmatch(r"([a-z0-9:]*?)\s*(?:\*\s*([0-9]+))?", item)
+        if m is None:
+            raise InputError(f"--devices: {_shown(item)}: write a device, or device*N for N workers on it")
+        name, times = m[1], m[2]
+        if name == "cuda":
+            name = "cuda:0"
+        if name != "cpu" and not re.fullmatch(r"cuda:[0-9]{1,4}", name):
+            raise InputError(
+                f"--devices: unknown device {_shown(name)}; use auto, cpu, cuda or cuda:N (comma-separated)"
+            )
+        count = int(times) if times is not None and len(times) <= 6 else (1 if times is None else MAX_WORKERS + 1)
+        if count < 1:
+            raise InputError(f"--devices: {_shown(item)}: at least one worker per device")
+        out.append((name, count))
+        if sum(n for _, n in out) > MAX_WORKERS:
+            raise InputError(f"--devices: {_shown(text)}: more than {MAX_WORKERS} workers")
+    return out
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:39] + "…")
+
+
 def parse_devices(text: str) -> list[str]:
     """`auto` -> every visible GPU, else the CPU; `cpu`, `cuda`, `cuda:0,cuda:2`, `cpu,cpu` (two
     CPU workers) or `cpu*2`."""
+    counts = device_counts(text)  # the syntax first, before torch is imported
     import torch
 
-    text = (text or "auto").strip().lower()
-    if text == "auto":
+    if counts == [("auto", 1)]:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+        return [f"cuda:{i}" for i in range(min(count, MAX_WORKERS))] or ["cpu"]
     devices: list[str] = []
-    for item in (part.strip() for part in text.split(",")):
-        name, _, times = item.partition("*")
-        if not times.isdigit() and times:
-            raise InputError(f"--devices: {item!r}: write a device, or device*N for N workers on it")
-        if name == "cuda":
-            name = "cuda:0"
-        if name != "cpu" and not (name.startswith("cuda:") and name[5:].isdigit()):
-            raise InputError(f"--devices: unknown device {name!r}; use auto, cpu, cuda or cuda:N (comma-separated)")
+    for name, times in counts:
         if name.startswith("cuda:"):
             if not torch.cuda.is_available():
                 raise InputError(f"--devices: {name} asked for, but torch sees no CUDA GPU here")
@@ -34,9 +63,7 @@ def parse_devices(text: str) -> list[str]:
                 raise InputError(
                     f"--devices: {name} does not exist; this machine has {torch.cuda.device_count()} GPU(s)"
                 )
-        devices.extend([name] * int(times or 1))
-    if not devices:
-        raise InputError("--devices: empty list")
+        devices.extend([name] * times)
     return devices
 
 
