@@ -19,6 +19,7 @@ from . import __version__, report
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, InputError, OutputLocked
 from .jobs import AXES, load_job
 from .output.a1111 import parse_a1111_parameters
+from .output.manifest import run_lock
 from .output.names import file_name
 from .output.png import read_png_text
 from .output.sheets import make_sheets
@@ -26,6 +27,7 @@ from .plan import RANDOMS, ModelInfo, plan_job
 from .recipe import FIELDS
 from .rerun import rerun_image
 from .runner import Options, run_job
+from .text import printable
 
 app = typer.Typer(
     help="Batch renderer for Stable Diffusion v1.x: YAML sweeps, every device busy, reproducible images.",
@@ -45,7 +47,7 @@ def _guard() -> Iterator[None]:
         yield
     except (InputError, OutputLocked, OSError) as e:
         err.print("[red]error:[/] ", end="")
-        err.print(str(e), markup=False, highlight=False)
+        err.print(printable(str(e)), markup=False, highlight=False)  # a path from argv may hold any bytes
         raise typer.Exit(getattr(e, "exit_code", EXIT_BAD_INPUT)) from None
     except KeyboardInterrupt:  # before rendering began (loading), or a second Ctrl-C
         err.print("interrupted", markup=False, highlight=False)
@@ -78,7 +80,6 @@ def check_model(
 ) -> None:
     """Load a model fully and say what it is: kind, hash, sizes and where its tokenizer comes from."""
     from .checkpoints import describe, load_model, model_hash, resolve_model
-    from .output.names import printable
     from .tokenizer import load_tokenizer
 
     with _guard():
@@ -97,7 +98,7 @@ def check_model(
 
 def _say(text: str) -> None:
     """User text (prompts, paths) printed as it is: Rich markup must never eat [brackets]."""
-    out.print(text, markup=False, highlight=False)
+    out.print(printable(text), markup=False, highlight=False)
 
 
 JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_default=False)]
@@ -115,7 +116,6 @@ def _output(text: str | None) -> Path | None:
 def validate(job_file: JobArg) -> None:
     """Check a job file, its model's header, images and prompt files; render nothing. Exit 2 on any problem."""
     from .checkpoints import check_model_files
-    from .output.names import printable
 
     with _guard():
         job = load_job(job_file)
@@ -246,7 +246,6 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 @app.command()
 def inspect(image: Annotated[Path, typer.Argument(help="A PNG written by sdbatch or A1111.")]) -> None:
     """Print the recipe stored in an image (sdbatch's own, else A1111's parameters text)."""
-    from .output.names import printable
     from .recipe import Recipe
 
     with _guard():
@@ -296,12 +295,12 @@ def rerun(
 @app.command()
 def sheets(folder: Annotated[Path, typer.Argument(help="An output folder with a manifest.")]) -> None:
     """(Re)build the contact sheets of an output folder, e.g. after all shards of a job are done."""
-    from .output.names import printable
-
     with _guard():
         if not folder.is_dir():
             raise InputError(f"{printable(str(folder))}: not a folder")
         if not any(folder.glob("manifest*.jsonl")):
             raise InputError(f"{printable(str(folder))}: no manifest.jsonl here; is it an sdbatch output folder?")
-        for path in make_sheets(folder):
+        with run_lock(folder):  # not while a run writes the folder (exit 75)
+            sheets = make_sheets(folder)
+        for path in sheets:
             _say(printable(f"sheet: {path}"))

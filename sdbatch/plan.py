@@ -136,7 +136,7 @@ def plan_job(
     model = model or ModelInfo.of(job.model, job.vae)
     folder = Path(output) if output is not None else job.output
     recorded = randoms if randoms is not None else read_json(folder / RANDOMS)
-    randoms = draw_randoms(job.random_slots(), recorded)
+    randoms = draw_randoms(job.random_slots(), recorded, str(folder / RANDOMS))
     tasks, merged = _distinct_tasks(job, model, randoms)
     all_ids = [t.id for t in tasks]
     if shard is not None:

@@ -22,6 +22,7 @@ from typing import Any
 from .errors import InputError
 from .output.a1111 import format_infotext, number_text, parse_infotext
 from .samplers import SAMPLER_NAMES, SAMPLERS
+from .text import text_problem
 
 MAX_SIDE = 8192
 
@@ -190,11 +191,13 @@ DOCS = {f.name: f.metadata["doc"] for f in fields(Recipe)}
 
 
 def _text(value: Any) -> str | None:
-    return None if isinstance(value, str) else f"must be text, got {value!r}"
+    return text_problem(value, multiline=True) if isinstance(value, str) else f"must be text, got {value!r}"
 
 
 def _path(value: Any) -> str | None:
-    return None if value is None or (isinstance(value, str) and value) else f"must be a path, got {value!r}"
+    if value is None or (isinstance(value, str) and value):
+        return None if value is None else text_problem(value)
+    return f"must be a path, got {value!r}"
 
 
 def _whole(low: int, high: int, what: str) -> Callable[[Any], str | None]:

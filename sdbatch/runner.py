@@ -223,7 +223,7 @@ def _settle_randoms(folder: Path, job: Job) -> dict[str, list[int]]:
     slots = job.random_slots()
     with output_lock(folder, ".sdbatch-randoms.lock", wait=True):
         recorded = read_json(folder / RANDOMS)
-        randoms = draw_randoms(slots, recorded)
+        randoms = draw_randoms(slots, recorded, str(folder / RANDOMS))
         if randoms != {k: recorded.get(k) for k in randoms}:
             write_atomic(folder / RANDOMS, json.dumps(recorded | randoms, indent=1).encode())
     return randoms

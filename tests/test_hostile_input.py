@@ -241,10 +241,14 @@ def test_inspect_on_damaged_images(tmp_path, name):
 def test_inspect_prints_hostile_text_escaped(tmp_path):
     """A surrogate or a terminal escape in metadata is shown escaped, never written raw (a lone
     surrogate used to crash the output's encoder, an ESC would drive the terminal)."""
-    path = good_png(tmp_path / "a.png", sdbatch_chunk({"prompt": "a\x1b[2J b"}, job="\ud800"))
+    path = good_png(tmp_path / "a.png", sdbatch_chunk({"prompt": "a b"}, job="\ud800\x1b[2J"))
     result = sdbatch("inspect", str(path))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "\x1b" not in result.stdout and "\\x1b[2J" in result.stdout and "\\ud800" in result.stdout
+    # in the recipe itself such text could never have been rendered: the chunk is damaged (exit 2)
+    path = good_png(tmp_path / "b.png", sdbatch_chunk({"prompt": "a\x1b[2J b"}))
+    result = sdbatch("inspect", str(path))
+    assert result.returncode == 2 and "U+001B" in result.stderr and "\x1b" not in result.stderr
 
 
 RERUN_CASES = {
@@ -256,7 +260,7 @@ RERUN_CASES = {
     "model-is-a-list": ({"sdbatch": json.dumps({"task": {"prompt": "a"}, "model": [1]})}, ("damaged",)),
     "a1111-nul": (
         {"parameters": "a\x00b\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 32x32"},
-        ("A1111", "NUL"),
+        ("prompt", "NUL"),
     ),
 }
 
