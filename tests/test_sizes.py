@@ -235,3 +235,18 @@ def test_a_job_of_mixed_sizes_renders_every_image(tmp_path):
     for e in entries:
         with Image.open(out / e["file"]) as im:
             assert list(im.size) == e["size"]
+
+
+def test_a_model_that_cannot_render_every_multiple_of_8_is_refused_as_a_config():
+    """The recipe promises every multiple of 8; a VAE shrinking by more than 8 could not keep that
+    promise, so such a config is refused when the model is read (validate, plan, run), never
+    halfway through a job."""
+    from dataclasses import replace
+
+    from sdbatch.models.configs import config_problems, get_config
+
+    for name in ("sd15", "demo"):
+        assert config_problems(get_config(name)) == []
+    sd = get_config("sd15")
+    deep = replace(sd, vae=replace(sd.vae, ch_mult=(1, 2, 4, 4, 4)))
+    assert any("vae.ch_mult" in p for p in config_problems(deep))

@@ -147,6 +147,8 @@ def config_problems(cfg: SDConfig) -> list[str]:
     for m in (1, *v.ch_mult):
         if v.ch * m % v.norm_groups:
             out.append(f"vae: {v.ch * m} channels do not split into {v.norm_groups} norm groups")
+    if len(v.ch_mult) > 4:  # the VAE shrinks by 2 per level after the first: at most 8, so any multiple of 8 renders
+        out.append(f"vae.ch_mult: {len(v.ch_mult)} levels shrink images by {2 ** (len(v.ch_mult) - 1)}; at most 4 (8x)")
     if c.width % c.heads:
         out.append(f"clip: width {c.width} does not split into {c.heads} heads")
     if u.context_dim != c.width:
