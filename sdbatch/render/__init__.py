@@ -22,12 +22,14 @@ def make_executor(
     note: Callable[[str], None] = lambda m: None,
 ) -> Executor:
     """One device renders here, several in worker processes, and `backend="ray"` on Ray actors."""
-    names = parse_devices(devices)
     if backend == "ray":
-        from .ray import RayPool
+        from .ray import RayPool, resolve_address
 
-        pool = RayPool(ModelSpec(model_path, vae, names[0], tuning=tuning), ray_address, len(names), note)
+        address = resolve_address(ray_address)  # a typo is said before torch or Ray is imported
+        names = parse_devices(devices)
+        pool = RayPool(ModelSpec(model_path, vae, names[0], tuning=tuning), address, len(names), note)
         return Executor(pool, pool.device, note)
+    names = parse_devices(devices)
     if len(names) == 1:
         spec = ModelSpec(model_path, vae, names[0], tuning=tuning)
         return Executor(InlinePool(build_renderer(spec), names[0]), names[0], note, prefetch=1)

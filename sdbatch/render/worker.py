@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InputError
 from .devices import Render, Results, with_backoff
 
 
@@ -42,3 +43,12 @@ def build_renderer(spec: ModelSpec) -> Render:
         return [(r.image, r.error) for r in pipeline.render(requests)]
 
     return with_backoff(render)
+
+
+def load_error(spec: ModelSpec, error: BaseException) -> str:
+    """One line for a model that did not load in a worker: bad input (a corrupt or unsupported file)
+    in its own words, as the single-device path prints it; anything else with the device and type."""
+    if isinstance(error, InputError):
+        return str(error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"could not load the model on {spec.device}: {type(error).__name__}" + (f": {first}" if first else "")
