@@ -203,6 +203,10 @@ def run(
         with _guard():
             if backend not in ("local", "ray"):
                 raise InputError(f"--backend: {backend!r}; use local or ray")
+            if backend == "ray":  # a malformed address fails before the lock and before torch loads
+                from .render.ray import resolve_address
+
+                resolve_address(ray_address)
             options = Options(
                 output=_output(output),
                 device=devices or "auto",

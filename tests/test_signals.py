@@ -89,7 +89,7 @@ def test_sigterm_twice_while_rendering_exits_130_with_whole_files(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", ["cpu", "cpu,cpu"])
+@pytest.mark.parametrize("devices", ["cpu"])  # several devices: tests/test_workers.py
 def test_sigterm_to_the_process_group_finishes_the_images_in_flight(tmp_path, devices):
     """systemd and SLURM signal every process of the group: the workers of a multi-device run
     must leave the stopping to the main process, so the batches in flight are written, not failed."""
