@@ -42,6 +42,8 @@ def param(default: Any, doc: str, *, file: bool = False) -> Any:
 class Recipe:
     prompt: str = param("", "what to draw")
     negative: str = param("", "the unconditional prompt of classifier-free guidance")
+    emphasis: str = param("original", "how (x:1.2) weights apply: original (A1111), no-norm, none, comfy")
+    clip_skip: int = param(1, "A1111's Clip skip: 1 = the text encoder's last layer, N = skip the last N-1")
     init_image: str | None = param(None, "img2img / inpainting: the image to start from (a path)", file=True)
     mask: str | None = param(None, "inpainting: white = repaint (a path); needs init_image", file=True)
     size: tuple[int, int] = param((512, 512), "(width, height) in pixels, multiples of 8")
@@ -239,9 +241,18 @@ def _strength(value: Any) -> str | None:
     return None if value is None else _real(0.0, 1.0, "above 0 and at most 1", above=True)(value)
 
 
+EMPHASIS = {"original": "Original", "no-norm": "No norm", "none": "None", "comfy": "Comfy"}  # -> A1111's name
+
+
+def _emphasis(value: Any) -> str | None:
+    return None if value in EMPHASIS else f"unknown emphasis {value!r} (known: {', '.join(EMPHASIS)})"
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
     "prompt": _text,
     "negative": _text,
+    "emphasis": _emphasis,
+    "clip_skip": _whole(1, 12, "from 1 (off) to 12"),
     "init_image": _path,
     "mask": _path,
     "size": _size,
@@ -305,6 +316,13 @@ def _read_real(name: str) -> Callable[[str], dict[str, Any]]:
     return lambda text: {name: float(text)}
 
 
+def _read_emphasis(text: str) -> dict[str, Any]:
+    names = {a1111.lower(): name for name, a1111 in EMPHASIS.items()} | {"ignore": "none"}
+    if text.strip().lower() not in names:
+        raise ValueError(f"unknown emphasis mode (known: {', '.join(EMPHASIS.values())})")
+    return {"emphasis": names[text.strip().lower()]}
+
+
 A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str, Any]]]] = {
     "steps": ("Steps", lambda v: v, _read_whole("steps")),
     "sampler": ("Sampler", lambda v: SAMPLERS[v].a1111, _read_sampler),
@@ -313,6 +331,8 @@ A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str,
     "seed": ("Seed", lambda v: v, _read_whole("seed")),
     "size": ("Size", lambda v: f"{v[0]}x{v[1]}", _read_size),
     "strength": ("Denoising strength", lambda v: None if v is None else number_text(v), _read_real("strength")),
+    "clip_skip": ("Clip skip", lambda v: v if v > 1 else None, _read_whole("clip_skip")),
+    "emphasis": ("Emphasis", lambda v: None if v == "original" else EMPHASIS[v], _read_emphasis),
 }
 _READERS = {key: read for key, _, read in A1111_KEYS.values()}
 # keys that do not change the pixels (or name the model, which rerun resolves itself)

@@ -28,6 +28,8 @@ IMAGE, MASK = "init.png", "mask.png"
 CASES = {
     "prompt": ({"prompt": "a red circle, (detail)"}, "a red circle, (detail)"),
     "negative": ({"negative": "blurry, dark"}, "blurry, dark"),
+    "emphasis": ({"emphasis": "No norm"}, "no-norm"),  # A1111's own name accepted
+    "clip_skip": ({"clip_skip": 2}, 2),
     "init_image": ({"init_image": IMAGE, "strength": 0.5}, IMAGE),
     "mask": ({"init_image": IMAGE, "mask": MASK, "strength": 0.5}, MASK),
     "size": ({"size": [40, 24]}, (40, 24)),
@@ -113,9 +115,7 @@ def test_a1111_fields_sdbatch_cannot_reproduce_are_refused_by_name():
         "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Clip skip: 2, "
         'Lora hashes: "add_detail: 0123456789ab", Hires upscale: 2'
     )
-    with pytest.raises(
-        RecipeError, match="cannot reproduce these A1111 fields yet: Clip skip, Lora hashes, Hires upscale"
-    ):
+    with pytest.raises(RecipeError, match="cannot reproduce these A1111 fields yet: Lora hashes, Hires upscale"):
         Recipe.from_a1111(text)
 
 

@@ -196,9 +196,20 @@ def _batch_size(item: Any, ctx: Context) -> list:
     return [item]
 
 
+def _emphasis(item: Any, ctx: Context) -> list:
+    """`original` (A1111's default), `no-norm`, `none` (brackets are plain text), `comfy`; A1111's
+    own names (`No norm`, `Ignore`) are accepted too."""
+    if not isinstance(item, str):
+        raise ValueError(f"must be an emphasis mode, got {show(item)}")
+    text = item.strip().lower().replace(" ", "-")
+    return [{"ignore": "none"}.get(text, text)]
+
+
 PARSERS: dict[str, Callable[[Any, Context], list]] = {
     "prompt": _text,
     "negative": _text,
+    "emphasis": _emphasis,
+    "clip_skip": _numbers(True),
     "init_image": _image,
     "mask": _image,
     "size": _size,
