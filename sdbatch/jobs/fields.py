@@ -18,6 +18,7 @@ from ..output.names import text_problem
 from ..recipe import DEFAULTS, FIELDS, RULES
 from ..samplers import SAMPLER_NAMES, SAMPLERS
 from .ranges import MAX_AXIS_VALUES, RangeError, parse_range
+from .wildcards import expand, has_syntax
 
 MODEL = object()  # a default the model decides (its size, its recommended CFG): filled in at expansion
 # what a run gets for a field it does not set; a field missing here is required (prompt)
@@ -44,6 +45,7 @@ class Context:
 
     base: Path
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    wildcards: Path | None = None  # the job's `wildcards:` folder (else weights/wildcards)
 
 
 def show(value: Any, limit: int = 60) -> str:
@@ -71,11 +73,20 @@ def is_int(value: Any) -> bool:
 
 
 def _text(item: Any, ctx: Context) -> list:
+    """A prompt, a prompt file, or a prompt with variants `{a|b}` / wildcards `__name__`, which
+    stands for every prompt it expands to (sdbatch.jobs.wildcards)."""
     if isinstance(item, dict):
-        return _prompt_file(item, ctx)
-    if not isinstance(item, str):
+        prompts = _prompt_file(item, ctx)
+    elif not isinstance(item, str):
         raise ValueError(f"must be text, got {show(item)}; put it in quotes")
-    return [item]
+    else:
+        prompts = [item]
+    if not any(has_syntax(p) for p in prompts):
+        return prompts
+    out = [q for p in prompts for q in expand(p, ctx.wildcards)]
+    if len(out) > MAX_AXIS_VALUES:
+        raise ValueError(f"variants and wildcards make more than {MAX_AXIS_VALUES:,} prompts")
+    return out
 
 
 def _prompt_file(item: dict, ctx: Context) -> list[str]:

@@ -31,7 +31,7 @@ MAX_JOB_FILE = 16 * 2**20  # bytes: a job file is text someone wrote
 MAX_NAME_BYTES = 200  # the job's name is a folder name (255 bytes at most, with room to spare)
 MAX_TEXT_KEY_BYTES = 4000  # name, model, vae, output, devices, filename (a path is at most 4096)
 MULTILINE = ("prompt", "negative")  # text that may hold line breaks and tabs
-TOP_KEYS = ("name", "model", "vae", "output", "filename", "sheet", "devices", "defaults", "runs")
+TOP_KEYS = ("name", "model", "vae", "output", "filename", "sheet", "devices", "wildcards", "defaults", "runs")
 RUN_KEYS = (*PARAMS, "sheet")
 AXES = FIELDS  # what can vary between the images of a run (and label a contact sheet's rows)
 # Names people bring from A1111, diffusers or habit, and what this file calls them.
@@ -354,6 +354,11 @@ def _job_settings(check: _Checker, data: LineDict, file: Path) -> Job:
         device_counts(devices)
     except InputError as e:
         check.problem(data.lines.get("devices", 0), "devices", str(e).removeprefix("--devices: "))
+    wildcards = check.text_key(data, "wildcards", None)
+    if wildcards is not None:
+        check.ctx.wildcards = (file.parent / wildcards).resolve()
+        if not check.ctx.wildcards.is_dir():
+            check.problem(data.lines["wildcards"], "wildcards", f"{check.ctx.wildcards} is not a folder")
     filename = check.text_key(data, "filename", DEFAULT_TEMPLATE) or DEFAULT_TEMPLATE
     _check_filename(check, filename, data.lines.get("filename", 0))
     sheet = _sheet(check, data.get("sheet"), data.lines.get("sheet", 0))

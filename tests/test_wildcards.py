@@ -1,0 +1,92 @@
+"""Variants and wildcards expand into the prompt axis (issue 13, part 5): each combination is its
+own task with a stable id and its literal text in the PNG and the manifest; unknown or empty
+wildcards are file:line errors at validate time; resume renders only what is missing."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdbatch.jobs import JobError, load_job
+from sdbatch.plan import plan_job
+from sdbatch.runner import Options, Reporter, run_job
+
+
+def job_with_wildcards(tmp_path: Path, prompt: str, animals: str = "cat\ndog\n# a comment\n\nfox\n") -> Path:
+    (tmp_path / "wild").mkdir(exist_ok=True)
+    (tmp_path / "wild" / "animal.txt").write_text(animals)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        textwrap.dedent(f"""
+        name: w
+        wildcards: wild
+        prompt: "{prompt}"
+        seed: 1
+    """)
+    )
+    return job
+
+
+def render(batch):
+    return [(Image.new("RGB", (32, 32)), None) for _ in batch]
+
+
+def test_variants_and_a_wildcard_file_expand_to_every_combination_with_stable_ids(tmp_path):
+    job = job_with_wildcards(tmp_path, "a {red|blue} {circle|square} __animal__")
+    plan = plan_job(load_job(job), tmp_path / "out")
+    prompts = [t.recipe.prompt for t in plan.tasks]
+    assert len(prompts) == len(set(prompts)) == 12
+    assert set(prompts) == {
+        f"a {c} {s} {a}" for c in ("red", "blue") for s in ("circle", "square") for a in ("cat", "dog", "fox")
+    }
+    again = plan_job(load_job(job), tmp_path / "out")
+    assert [t.id for t in again.tasks] == [t.id for t in plan.tasks]  # ids from the literal text: stable
+
+
+def test_the_literal_text_is_what_the_manifest_and_png_carry_and_resume_renders_only_the_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = job_with_wildcards(tmp_path, "{red|blue} __animal__")
+    out = tmp_path / "out"
+    assert run_job(load_job(job), Options(output=out), Reporter(), render=render).exit_code == 0
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(e["prompt"] for e in lines) == sorted(
+        f"{c} {a}" for c in ("red", "blue") for a in ("cat", "dog", "fox")
+    )
+    with Image.open(out / lines[0]["file"]) as im:
+        assert json.loads(im.text["sdbatch"])["task"]["prompt"] == lines[0]["prompt"]
+        assert im.text["parameters"].startswith(lines[0]["prompt"] + "\n")
+    # lose two images and their lines, as a killed run would
+    for e in lines[:2]:
+        (out / e["file"]).unlink()
+    (out / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines[2:]))
+    rendered = []
+
+    def counting(batch):
+        rendered.extend(t.recipe.prompt for t in batch)
+        return render(batch)
+
+    assert run_job(load_job(job), Options(output=out), Reporter(), render=counting).exit_code == 0
+    assert sorted(rendered) == sorted(e["prompt"] for e in lines[:2])
+
+
+@pytest.mark.parametrize(
+    "prompt, animals, message",
+    [
+        ("a __nope__", "cat\n", "unknown wildcard __nope__"),
+        ("a __animal__", "# only a comment\n\n", "holds no values"),
+        ("a __../job__", "cat\n", "unknown wildcard"),
+    ],
+)
+def test_an_unknown_or_empty_wildcard_is_a_file_line_error(tmp_path, prompt, animals, message):
+    job = job_with_wildcards(tmp_path, prompt, animals)
+    with pytest.raises(JobError, match=message) as e:
+        load_job(job)
+    assert "job.yaml:4: prompt:" in str(e.value)
+
+
+def test_plain_and_a1111_prompts_pass_through_untouched(tmp_path):
+    text = "a (red:1.2) [cat:dog:5] [a|b] circle, BREAK night"
+    job = job_with_wildcards(tmp_path, text)
+    assert [t.recipe.prompt for t in plan_job(load_job(job), tmp_path / "o").tasks] == [text]
