@@ -90,3 +90,22 @@ def test_plain_and_a1111_prompts_pass_through_untouched(tmp_path):
     text = "a (red:1.2) [cat:dog:5] [a|b] circle, BREAK night"
     job = job_with_wildcards(tmp_path, text)
     assert [t.recipe.prompt for t in plan_job(load_job(job), tmp_path / "o").tasks] == [text]
+
+
+def test_random_prompts_are_drawn_once_and_recorded_like_random_seeds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wild").mkdir()
+    (tmp_path / "wild" / "animal.txt").write_text("\n".join(f"animal{i}" for i in range(50)))
+    job = tmp_path / "job.yaml"
+    job.write_text('wildcards: wild\nprompt: {random: 4, from: "a {red|blue} __animal__"}\nseed: [1, 2]\n')
+    out = tmp_path / "out"
+    assert load_job(job).size() == 8
+    assert run_job(load_job(job), Options(output=out), Reporter(), render=render).exit_code == 0
+    recorded = json.loads((out / "randoms.json").read_text())
+    assert len(recorded["run0.prompt"]) == 4
+    first = plan_job(load_job(job), out)
+    assert len(first.done) == 8 and not first.todo  # the same draws again: nothing left to render
+    prompts = {t.recipe.prompt for t in first.tasks}
+    assert len(prompts) <= 4 and all(p.startswith(("a red animal", "a blue animal")) for p in prompts)
+    (out / "randoms.json").unlink()  # without the record the draws are new: another set of prompts
+    assert {t.recipe.prompt for t in plan_job(load_job(job), out).tasks} != prompts  # 1 in ~10^6 to be equal

@@ -39,6 +39,22 @@ class RandomSeeds:
     count: int
 
 
+@dataclass(frozen=True)
+class RandomPrompts:
+    """`prompt: {random: n, from: "{a|b} __animal__"}`: n of the prompts the text expands to,
+    drawn once per run and recorded in the output folder like `seed: random` (the draws are
+    numbers; draw d picks choices[d % len(choices)])."""
+
+    count: int
+    choices: tuple[str, ...]
+
+    def pick(self, draws: list[int]) -> list[str]:
+        return [self.choices[d % len(self.choices)] for d in draws]
+
+
+RANDOM_VALUES = (RandomSeeds, RandomPrompts)  # values drawn when the job first runs
+
+
 @dataclass
 class Context:
     """What parsers need beyond the item: the job's folder, and what they learnt of image files."""
@@ -75,6 +91,8 @@ def is_int(value: Any) -> bool:
 def _text(item: Any, ctx: Context) -> list:
     """A prompt, a prompt file, or a prompt with variants `{a|b}` / wildcards `__name__`, which
     stands for every prompt it expands to (sdbatch.jobs.wildcards)."""
+    if isinstance(item, dict) and "random" in item:
+        return [_random_prompts(item, ctx)]
     if isinstance(item, dict):
         prompts = _prompt_file(item, ctx)
     elif not isinstance(item, str):
@@ -87,6 +105,19 @@ def _text(item: Any, ctx: Context) -> list:
     if len(out) > MAX_AXIS_VALUES:
         raise ValueError(f"variants and wildcards make more than {MAX_AXIS_VALUES:,} prompts")
     return out
+
+
+def _random_prompts(item: dict, ctx: Context) -> RandomPrompts:
+    count, text = item.get("random"), item.get("from")
+    if set(item) != {"random", "from"} or not is_int(count) or not isinstance(text, str):
+        raise ValueError('write random prompts as {random: 4, from: "a {red|blue} __animal__"}')
+    if not 1 <= count <= MAX_AXIS_VALUES:
+        raise ValueError(f"random: needs 1 <= n <= {MAX_AXIS_VALUES:,}")
+    choices = tuple(expand(text, ctx.wildcards))
+    for choice in choices:
+        if message := RULES["prompt"](choice):
+            raise ValueError(message)
+    return RandomPrompts(count, choices)
 
 
 def _prompt_file(item: dict, ctx: Context) -> list[str]:
@@ -239,6 +270,6 @@ def parse_item(key: str, item: Any, ctx: Context) -> list:
     values = PARSERS[key](item, ctx)
     rule = RULES.get(key)
     for value in values:
-        if rule is not None and not isinstance(value, RandomSeeds) and (message := rule(value)):
+        if rule is not None and not isinstance(value, RANDOM_VALUES) and (message := rule(value)):
             raise ValueError(message)
     return values

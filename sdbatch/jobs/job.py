@@ -22,7 +22,18 @@ from ..images import aspect_differs
 from ..output.names import DEFAULT_TEMPLATE, printable, template_problem, text_problem, tokens
 from ..recipe import FIELDS, Recipe
 from ..render.devices import device_counts
-from .fields import MODEL, PARAMS, RUN_OPTIONS, YAML_DEFAULTS, Context, RandomSeeds, parse_item, show
+from .fields import (
+    MODEL,
+    PARAMS,
+    RANDOM_VALUES,
+    RUN_OPTIONS,
+    YAML_DEFAULTS,
+    Context,
+    RandomPrompts,
+    RandomSeeds,
+    parse_item,
+    show,
+)
 from .ranges import MAX_AXIS_VALUES
 from .yamlmarks import JobError, LineDict, LineList, Problem, parse_yaml
 
@@ -79,7 +90,7 @@ class Run:
     batch_size: int | str = "auto"
 
     def size(self) -> int:
-        return math.prod(sum(v.count if isinstance(v, RandomSeeds) else 1 for v in vs) for vs in self.values.values())
+        return math.prod(sum(v.count if isinstance(v, RANDOM_VALUES) else 1 for v in vs) for vs in self.values.values())
 
 
 @dataclass(frozen=True)
@@ -113,13 +124,14 @@ class Job:
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def random_slots(self) -> dict[str, int]:
-        """`run<i>.seed` -> how many random seeds that run needs."""
-        return {
-            f"run{run.index}.seed": v.count
-            for run in self.runs
-            for v in run.values.get("seed", [])
-            if isinstance(v, RandomSeeds)
-        }
+        """`run<i>.seed` (and `run<i>.prompt`, `run<i>.negative`) -> how many draws that run needs."""
+        slots: dict[str, int] = {}
+        for run in self.runs:
+            for name in ("seed", "prompt", "negative"):
+                count = sum(v.count for v in run.values.get(name, []) if isinstance(v, RANDOM_VALUES))
+                if count:
+                    slots[f"run{run.index}.{name}"] = count
+        return slots
 
     def size(self) -> int:
         return sum(run.size() for run in self.runs)
@@ -142,10 +154,8 @@ class Job:
         for run in self.runs:
             self._check_aspects(run, report)
             values = {k: [model[k] if v is MODEL else v for v in vs] for k, vs in run.values.items()}
-            draws = randoms.get(f"run{run.index}.seed", [])
-            values["seed"] = [
-                s for v in values["seed"] for s in (draws[: v.count] if isinstance(v, RandomSeeds) else [v])
-            ]
+            for name in ("seed", "prompt", "negative"):
+                values[name] = _drawn(values[name], randoms.get(f"run{run.index}.{name}", []))
             for combo in itertools.product(*(values[name] for name in FIELDS)):
                 recipe = Recipe(**dict(zip(FIELDS, combo, strict=True)))
                 if recipe.init_image is None:
@@ -183,6 +193,18 @@ class Job:
                             f"{Path(path).name} is {w}x{h}, which does not have the aspect ratio of {wanted}; "
                             "crop it or choose a matching size",
                         )
+
+
+def _drawn(values: list, draws: list[int]) -> list:
+    """A field's values with each random item replaced by its share of the recorded draws."""
+    out, used = [], 0
+    for v in values:
+        if isinstance(v, RANDOM_VALUES):
+            mine, used = draws[used : used + v.count], used + v.count
+            out.extend(v.pick(mine) if isinstance(v, RandomPrompts) else mine)
+        else:
+            out.append(v)
+    return out
 
 
 def draw_randoms(slots: dict[str, int], recorded: dict[str, Any], where: str = "randoms.json") -> dict[str, list[int]]:
@@ -445,6 +467,9 @@ def _samples(runs: list[Run]) -> list[dict[str, Any]]:
         first = {k: next((v for v in vs if v is not MODEL), None) for k, vs in run.values.items()}
         base = dict(first, size=first["size"] or (512, 512), cfg=first["cfg"] if first["cfg"] is not None else 7.5)
         base["seed"] = 0 if isinstance(base["seed"], RandomSeeds) else base["seed"]
+        for name in ("prompt", "negative"):
+            if isinstance(base[name], RandomPrompts):
+                base[name] = base[name].choices[0]
         images = [p for p in run.values["init_image"] if p is not None]
         modes = ([None] if None in run.values["init_image"] else []) + images[:1]
         for init in modes:
