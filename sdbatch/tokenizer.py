@@ -10,8 +10,9 @@ A user with only a single-file checkpoint has no tokenizer files, so we look in 
 
 import contextlib
 import gzip
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -31,8 +32,19 @@ HF_CACHE_CANDIDATES = (
 )
 
 
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+
+
 class TokenizerError(InputError):
     """No usable tokenizer; the message says where one was looked for and where to put it."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One text-encoder pass: [BOS, tokens..., EOS padding..., EOS] and each token's emphasis weight."""
+
+    ids: list[int]
+    weights: list[float]
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,52 @@ class Tokenizer:
     def tokens(self, text: str) -> list[int]:
         """Token ids of `text` without start/end tokens (the pipeline chunks long prompts itself)."""
         return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    @cached_property
+    def comma(self) -> int | None:
+        """The id of "," as a word (`,</w>`), where chunking may break a long prompt; None if absent."""
+        return self.hf.get_vocab().get(",</w>")
+
+    def chunks(
+        self, pieces: Iterable[tuple[str, float]], length: int = 75, backtrack: int = COMMA_BACKTRACK
+    ) -> list[Chunk]:
+        """Weighted text pieces (`prompts.parse_attention`'s output) cut into chunks of `length`
+        tokens as A1111's `tokenize_line` does, so that long prompts condition the same way:
+        each piece is tokenized on its own; when a chunk is full and its last comma is at most
+        `backtrack` tokens back, the words after that comma move to the next chunk rather than
+        being split from their phrase; a ("BREAK", -1) piece ends a chunk; an empty prompt is one
+        chunk. Padding is the end token (SD 1.x's pad token) with weight 1."""
+        done: list[Chunk] = []
+        ids: list[int] = []
+        weights: list[float] = []
+        last_comma = -1
+
+        def close() -> None:
+            nonlocal ids, weights, last_comma
+            pad = length - len(ids)
+            done.append(Chunk([self.bos, *ids, *[self.eos] * pad, self.eos], [1.0, *weights, *[1.0] * pad, 1.0]))
+            ids, weights, last_comma = [], [], -1
+
+        for text, weight in pieces:
+            if text == "BREAK" and weight == -1:
+                close()
+                continue
+            for token in self.tokens(text):
+                if token == self.comma:
+                    last_comma = len(ids)
+                elif backtrack and len(ids) == length and last_comma != -1 and length - last_comma <= backtrack:
+                    cut = last_comma + 1
+                    moved = ids[cut:], weights[cut:]
+                    ids, weights = ids[:cut], weights[:cut]
+                    close()
+                    ids, weights = moved
+                if len(ids) == length:
+                    close()
+                ids.append(token)
+                weights.append(weight)
+        if ids or not done:
+            close()
+        return done
 
     def encode(self, text: str, length: int = 77) -> torch.Tensor:
         """[BOS, tokens..., EOS, EOS padding] of exactly `length` ids, as SD 1.x was trained.

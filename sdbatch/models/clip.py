@@ -61,23 +61,31 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = namespace(layers=nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers)))
         self.final_layer_norm = nn.LayerNorm(cfg.width)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         # positions come from a slice, not a `position_ids` buffer: merged checkpoints often carry a
         # corrupted float copy of that buffer, and a buffer-free model loads straight from meta.
+        layers = len(self.encoder.layers)
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip skip {clip_skip}: this text encoder has {layers} layers (1 to {layers} allowed)")
         x = self.embeddings.token_embedding(input_ids)
         x = x + self.embeddings.position_embedding.weight[: input_ids.shape[1]]
-        for layer in self.encoder.layers:
+        for layer in self.encoder.layers[: layers - (clip_skip - 1)]:
             x = layer(x)
         return self.final_layer_norm(x)
 
 
 class CLIPTextEncoder(nn.Module):
-    """Token ids (B, <=77) -> last hidden state (B, <=77, 768), the UNet's cross-attention context."""
+    """Token ids (B, <=77) -> last hidden state (B, <=77, 768), the UNet's cross-attention context.
+
+    `clip_skip` counts as A1111's "Clip skip" (`CLIP_stop_at_last_layers`): 1 is the last layer;
+    N stops N - 1 layers early (transformers' `hidden_states[-N]`) and still applies the final
+    LayerNorm, because the UNet was trained on normalised states. diffusers' `clip_skip=k` is N = k + 1.
+    """
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.config = cfg
         self.transformer = namespace(text_model=CLIPTextTransformer(cfg))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.transformer.text_model(input_ids)
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        return self.transformer.text_model(input_ids, clip_skip)

@@ -19,15 +19,37 @@ from PIL import Image
 from ..checkpoints import load_model, resolve_model
 from ..errors import InputError
 from ..models import StableDiffusion
-from ..recipe import Recipe
+from ..prompts import parse_attention, prompt_schedule
+from ..recipe import EMPHASIS, Recipe
 from ..samplers import NoiseSchedule, get_sampler
 from ..tokenizer import Tokenizer, load_tokenizer
 from . import start
 from .decode import tiled_decode, upcast
-from .guidance import GuidanceRows
+from .guidance import GuidanceRows, Schedule
 from .images import image_tensor, mask_tensor, to_pil
 
 PROMPT_CACHE_SIZE = 1024
+
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, mode: str, empty: torch.Tensor | None) -> torch.Tensor:
+    """Token weights applied to CLIP's output z (k chunks, 77, width), chunk by chunk.
+
+    original (A1111's default): z * w, then rescaled so that the chunk's mean is what it was
+        (A1111 keeps the mean to avoid artefacts; it is why weights act only relative to each other).
+    no-norm (A1111's "No norm"): z * w.
+    comfy (ComfyUI): each weighted token moves away from or towards the empty prompt's state at its
+        position, z_empty + (z - z_empty) * w, so weight 0 means "as if absent", not "zero vector".
+    """
+    z32, w = z.float(), weights.float()[..., None]
+    if mode == "comfy":
+        assert empty is not None
+        e = empty.float()
+        out = torch.where(w != 1, (z32 - e) * w + e, z32)  # ComfyUI leaves weight-1 tokens untouched
+    else:
+        out = z32 * w
+        if mode == "original":
+            out = out * (z32.mean(dim=(1, 2), keepdim=True) / out.mean(dim=(1, 2), keepdim=True))
+    return out.to(z.dtype)
 
 
 class RequestError(InputError):
@@ -118,7 +140,7 @@ class Pipeline:
         self.schedule = NoiseSchedule()
         self.latent_factor = 2 ** (len(model.config.vae.ch_mult) - 1)
         self.inpainting_model = model.config.unet.in_channels == 9
-        self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompts: OrderedDict[tuple[str, str, int], torch.Tensor] = OrderedDict()
 
     @classmethod
     def from_file(
@@ -162,18 +184,46 @@ class Pipeline:
         bos, eos = self.tokenizer.bos, self.tokenizer.eos
         return torch.tensor([[bos, *w, eos] + [eos] * (chunk - len(w)) for w in windows], dtype=torch.long)
 
-    def encode_prompt(self, text: str) -> torch.Tensor:
-        """(1, 77 * k, width) text embeddings, cached per prompt for this pipeline's model."""
-        if text in self._prompts:
-            self._prompts.move_to_end(text)
-            return self._prompts[text]
+    def prompt_chunks(self, text: str, emphasis: str = "original") -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, 77) ids and their (k, 77) emphasis weights. With emphasis "none" brackets are plain
+        text and the prompt is cut into plain 75-token windows (`token_windows`); otherwise it is
+        parsed for emphasis and BREAK and chunked as A1111 does (`Tokenizer.chunks`)."""
+        if emphasis == "none":
+            ids = self.token_windows(text)
+            return ids, torch.ones(ids.shape)
+        chunks = self.tokenizer.chunks(parse_attention(text), self.model.config.clip.max_positions - 2)
+        return torch.tensor([c.ids for c in chunks]), torch.tensor([c.weights for c in chunks])
+
+    def encode_prompt(self, text: str, emphasis: str = "original", clip_skip: int = 1) -> torch.Tensor:
+        """(1, 77 * k, width) text embeddings, one 77-token chunk after another; cached per
+        (prompt, emphasis, clip skip) for this pipeline's model. `emphasis` is how the weights of
+        `(word:1.2)` apply (see `apply_emphasis`); `clip_skip` counts as A1111's "Clip skip"."""
+        key = (text, emphasis, clip_skip)
+        if key in self._prompts:
+            self._prompts.move_to_end(key)
+            return self._prompts[key]
+        if emphasis not in EMPHASIS:
+            raise RequestError(f"emphasis: {emphasis!r} is not one of {', '.join(EMPHASIS)}")
+        layers = self.model.config.clip.layers
+        if not 1 <= clip_skip <= layers:
+            raise RequestError(f"clip_skip: {clip_skip}, but this model's text encoder has {layers} layers")
+        ids, weights = self.prompt_chunks(text, emphasis)
+        weighted = emphasis != "none" and bool((weights != 1).any())
         with torch.inference_mode(), self._on_device(self.model.text_encoder) as encoder:
-            windows = self.token_windows(text).to(next(encoder.parameters()).device)
-            embedding = encoder(windows).reshape(1, -1, self.model.config.clip.width).to(self.device)
-        self._prompts[text] = embedding
+            device = next(encoder.parameters()).device
+            z = encoder(ids.to(device), clip_skip)
+            if weighted:
+                empty = encoder(self.token_windows("").to(device), clip_skip) if emphasis == "comfy" else None
+                z = apply_emphasis(z, weights.to(device), emphasis, empty)
+            embedding = z.reshape(1, -1, self.model.config.clip.width).to(self.device)
+        self._prompts[key] = embedding
         if len(self._prompts) > PROMPT_CACHE_SIZE:
             self._prompts.popitem(last=False)
         return embedding
+
+    def _context(self, recipe: Recipe, text: str) -> torch.Tensor:
+        """A recipe's prompt or negative as UNet context, with the recipe's emphasis and clip skip."""
+        return self.encode_prompt(text, getattr(recipe, "emphasis", "original"), getattr(recipe, "clip_skip", 1))
 
     # -- rendering: 1. check the batch, 2. noise sources, 3. start, 4. guidance rows, 5. sample, 6. decode
 
@@ -203,14 +253,20 @@ class Pipeline:
         begin = self._start(requests, plan, draw)
         rows = GuidanceRows(
             [r.recipe.cfg for r in requests],
-            [(self.encode_prompt(r.recipe.prompt), self._uncond(r.recipe)) for r in requests],
+            [(self._schedule(r.recipe, r.recipe.prompt), self._uncond(r.recipe)) for r in requests],
             self.device,
         )
         x = sampler.sample(self._denoiser(rows, begin), begin.x, begin.plan.sigmas, draw, begin.after_step)
         return self._decode(requests, begin.plan.to_vp(x))
 
-    def _uncond(self, recipe: Recipe) -> torch.Tensor | None:
-        return None if recipe.cfg == 1 else self.encode_prompt(recipe.negative)
+    def _schedule(self, recipe: Recipe, text: str) -> Schedule:
+        """The prompt's contexts over the recipe's steps: (end step, context) per stretch of prompt
+        editing (A1111's `[from:to:when]`, `[a|b]`); one entry for a prompt without editing. As in
+        A1111, an img2img run of the last n of `steps` walks the schedule of all `steps` from its start."""
+        return [(end, self._context(recipe, part)) for end, part in prompt_schedule(text, recipe.steps)]
+
+    def _uncond(self, recipe: Recipe) -> Schedule | None:
+        return None if recipe.cfg == 1 else self._schedule(recipe, recipe.negative)
 
     def _start(self, requests: Sequence[Request], plan, draw: Callable[[], torch.Tensor]) -> start.Start:
         first = requests[0].recipe
@@ -267,7 +323,7 @@ class Pipeline:
             def run(latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
                 return self._unet(self._layout(latents.to(self.dtype)), t.expand(len(latents)), context)
 
-            return x - sigma * rows.eps(x, x_in, run)
+            return x - sigma * rows.eps(x, x_in, run, i)
 
         return model
 
