@@ -35,8 +35,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # logs: no wrapping at 80
-err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True, emoji=False, width=None if sys.stdout.isatty() else 200)  # logs: no wrapping at 80
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # :dog: in a prompt stays text
 
 
 @contextmanager
@@ -132,10 +132,17 @@ def plan(
     job_file: JobArg,
     output: OutputOpt = None,
     show: Annotated[int, typer.Option(help="How many tasks to list.")] = 20,
+    explain_prompt: Annotated[
+        bool,
+        typer.Option(
+            "--explain-prompt", help="Show how the listed tasks' prompts parse: edits, weights, tokens per chunk."
+        ),
+    ] = False,
 ) -> None:
     """Print the expanded plan: values per axis, the first tasks, and how many are already done."""
     with _guard():
         p = plan_job(load_job(job_file), _output(output))
+        explained = _explain_prompts(p, show) if explain_prompt else []
     counts = {axis: len({repr(getattr(t.recipe, axis)) for t in p.tasks}) for axis in AXES}
     axes = ", ".join(f"{axis} {n}" for axis, n in counts.items() if n > 1) or "nothing varies"
     merged = f"; {p.merged} duplicate combinations merged (one id, one image)" if p.merged else ""
@@ -163,6 +170,35 @@ def plan(
     out.print(table, markup=False)
     if len(p.tasks) > show:
         _say(f"... and {len(p.tasks) - show} more")
+    for line in explained:
+        _say(line)
+
+
+def _explain_prompts(p, show: int) -> list[str]:
+    """How each distinct prompt of the listed tasks parses, as A1111 reads it: where prompt editing
+    switches, each part's weighted runs, and the tokens of each 75-token chunk (the tokenizer,
+    not the model, is loaded)."""
+    from .prompts import explain, parse_attention, prompt_schedule
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(p.model.path, vocab_size=p.model.config.clip.vocab_size)
+    length = p.model.config.clip.max_positions - 2
+    lines: list[str] = []
+    seen: set[tuple] = set()
+    for t in p.tasks[:show]:
+        r = t.recipe
+        for label, text in (("prompt", r.prompt), ("negative", r.negative)):
+            if (text, r.steps, r.emphasis) in seen or (label == "negative" and not text):
+                continue
+            seen.add((text, r.steps, r.emphasis))
+            lines.append(f"{label} {text!r} ({r.steps} steps, emphasis {r.emphasis}, clip skip {r.clip_skip}):")
+            lines.extend(f"  {line}" for line in explain(text, r.steps))
+            for end, part in prompt_schedule(text, r.steps):
+                pieces = [(part, 1.0)] if r.emphasis == "none" else parse_attention(part)
+                chunks = tokenizer.chunks(pieces, length)
+                counts = ", ".join(str(sum(1 for i in c.ids[1:-1] if i != tokenizer.eos)) for c in chunks)
+                lines.append(f"  until step {end}: {len(chunks)} chunk(s) of {counts} tokens")
+    return lines
 
 
 @app.command()

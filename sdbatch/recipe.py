@@ -17,10 +17,12 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields
+from functools import lru_cache
 from typing import Any
 
 from .errors import InputError
 from .output.a1111 import format_infotext, number_text, parse_infotext
+from .prompts import prompt_problem
 from .samplers import SAMPLER_NAMES, SAMPLERS
 from .text import text_problem
 
@@ -83,6 +85,10 @@ class Recipe:
                 yield f.name, message
         if self.karras and self.sampler in SAMPLERS and not SAMPLERS[self.sampler].karras:
             yield "karras", f"karras does not apply to {self.sampler} (fixed timesteps)"
+        for name in ("prompt", "negative"):
+            text = getattr(self, name)
+            if isinstance(text, str) and (message := _prompt_problem(text, self.steps, name == "negative")):
+                yield name, message
         if self.mask is not None and self.init_image is None:
             yield "mask", "a mask needs an init_image to repaint"
         if self.init_image is None and self.strength is not None:
@@ -239,6 +245,15 @@ def _flag(value: Any) -> str | None:
 
 def _strength(value: Any) -> str | None:
     return None if value is None else _real(0.0, 1.0, "above 0 and at most 1", above=True)(value)
+
+
+@lru_cache(maxsize=4096)
+def _prompt_problem(text: str, steps: Any, negative: bool) -> str | None:
+    """A1111 prompt syntax sdbatch refuses (AND, a prompt-editing switch past the last step...);
+    cached: a job's combinations repeat the same few prompts many times."""
+    if text_problem(text, multiline=True) is not None:
+        return None  # the field's own rule says what is wrong
+    return prompt_problem(text, steps if isinstance(steps, int) and steps >= 1 else None, negative=negative)
 
 
 EMPHASIS = {"original": "Original", "no-norm": "No norm", "none": "None", "comfy": "Comfy"}  # -> A1111's name

@@ -114,7 +114,7 @@ class RichReporter(PlainReporter):
 
     def __init__(self, console: Console | None = None):
         super().__init__()
-        self.console = console or Console()
+        self.console = console or Console(emoji=False)
         self.progress: Progress | None = None
         self.bar = None
 

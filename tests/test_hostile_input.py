@@ -627,3 +627,11 @@ def test_yaml_limits_hold_in_process(tmp_path):
     shared = "a: &a [x, y]\nprompt: [*a, *a]\n"  # aliases in moderation are fine
     with pytest.raises(JobError, match="must be text"):
         parse_job(shared, tmp_path / "j.yaml")
+
+
+def test_emoji_codes_in_user_text_stay_text(tmp_path):
+    """Rich turns `:dog:` into an emoji unless told not to; a prompt-editing error quotes the prompt."""
+    job = tmp_path / "job.yaml"
+    job.write_text('prompt: "a [cat:dog:50] b"\nsteps: 20\n')
+    result = sdbatch("validate", str(job))
+    assert result.returncode == 2 and "[cat:dog:50]" in result.stderr, result.stderr
