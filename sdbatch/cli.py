@@ -192,7 +192,7 @@ def _explain_prompts(p, show: int) -> list[str]:
                 continue
             seen.add((text, r.steps, r.emphasis))
             lines.append(f"{label} {text!r} ({r.steps} steps, emphasis {r.emphasis}, clip skip {r.clip_skip}):")
-            lines.extend(f"  {line}" for line in explain(text, r.steps))
+            lines.extend(f"  {line}" for line in explain(text, r.steps, negative=label == "negative"))
             for end, part in prompt_schedule(text, r.steps):
                 pieces = [(part, 1.0)] if r.emphasis == "none" else parse_attention(part)
                 chunks = tokenizer.chunks(pieces, length)

@@ -175,7 +175,7 @@ class _Alternate:
 
 class _Parser:
     """The schedule grammar over a token list. A structure is read from its opening bracket to its
-    closing one and never depends on what stands before it, so each is read once (`item`)."""
+    closing one and never depends on what stands before it, so each is read once (`items`)."""
 
     def __init__(self, text: str, tokens: list[str], starts: list[int]):
         self.text, self.tokens, self.starts = text, tokens, starts
@@ -317,24 +317,24 @@ def _parse(text: str) -> tuple | None:
             ends[item[1]] = i
     if not reachable[n]:
         return None
-    whole: dict[int, tuple] = {0: ()}  # i -> tokens[:i] read as one prompt, where it is one
-    nodes, i = [], 0
+    chain, i = [], 0  # tokens read as one prompt from the start, for as long as that goes
+    whole = {0: 0}  # i -> how many of those nodes make tokens[:i], where they make it
     while i < n:
         if tokens[i] not in _SPECIAL:
-            nodes.append(tokens[i])
+            chain.append(tokens[i])
             i += 1
         elif (item := parser.items.get(i)) is not None:
-            nodes.append(item[0])
+            chain.append(item[0])
             i = item[1]
         else:
             break
-        whole[i] = tuple(nodes)
+        whole[i] = len(chain)
     first_text = next((k for k, t in enumerate(tokens) if t not in _JUNK), n)
     pieces: list = []  # from the end backwards
     j = n
     while j > 0:
         if j in whole:
-            pieces.extend(reversed(whole[j]))
+            pieces.extend(reversed(chain[: whole[j]]))
             break
         if j <= first_text:
             pieces.extend(reversed(tokens[:j]))
@@ -491,12 +491,13 @@ def _weight_text(weight: float) -> str:
     return f"x{round(weight, 4)!r}"
 
 
-def explain(text: str, steps: int) -> list[str]:
+def explain(text: str, steps: int, *, negative: bool = False) -> list[str]:
     """Lines for `sdbatch plan --explain-prompt`: what refuses the prompt (if anything), where the
     prompt changes over the steps, then each plain prompt's weighted runs, e.g.
-    `steps 1-10: "a cat" x1.0, "red" x1.5`. Plain text: print it unstyled (it holds brackets)."""
+    `steps 1-10: "a cat" x1.0, "red" x1.5`. Plain text: print it unstyled (it holds brackets).
+    `negative` as in `prompt_problem`."""
     lines = []
-    if (problem := prompt_problem(text, steps)) is not None:
+    if (problem := prompt_problem(text, steps, negative=negative)) is not None:
         lines.append(f"problem: {problem}")
     schedule = prompt_schedule(text, steps)
     if _parse(text) is None:
@@ -507,7 +508,8 @@ def explain(text: str, steps: int) -> list[str]:
         lines.append(f"prompt editing: none; one prompt for all {steps} steps")
     else:
         switches = ", ".join(str(end) for end, _ in schedule[:-1])
-        lines.append(f"prompt editing: {len(schedule)} prompts over {steps} steps, switching after step {switches}")
+        after = "step" if len(schedule) == 2 else "steps"
+        lines.append(f"prompt editing: {len(schedule)} prompts over {steps} steps, switching after {after} {switches}")
     first = 1
     for end, part in schedule:
         span = f"step {end}" if first == end else f"steps {first}-{end}"
