@@ -7,6 +7,7 @@ flushed, fsynced and renamed over the target. `clean_temp_files` removes what de
 
 import errno
 import hashlib
+import json
 import os
 import re
 import socket
@@ -135,3 +136,13 @@ def _why(e: OSError) -> str:
     if e.errno == errno.ENOTDIR:
         return "a part of the path is a file"
     return e.strerror or str(e)
+
+
+def read_record(path: Path) -> dict:
+    """A JSON object from one of sdbatch's record files (job.json, randoms.json); {} when it is
+    missing or damaged (not JSON, not an object, nested past Python's limit): it is then rebuilt."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}

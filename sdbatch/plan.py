@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 
 from .checkpoints import model_hash, model_sha256, open_model, resolve_model
-from .files import content_sha256, inside
+from .files import content_sha256, inside, read_record
 from .jobs import Job, Task, draw_randoms
 from .models.configs import SDConfig
 from .output.manifest import finished, read_manifests, whole_png
@@ -135,7 +135,7 @@ def plan_job(
     those of the whole job, so the shards of one job fill one folder without clashing."""
     model = model or ModelInfo.of(job.model, job.vae)
     folder = Path(output) if output is not None else job.output
-    recorded = randoms if randoms is not None else read_json(folder / RANDOMS)
+    recorded = randoms if randoms is not None else read_record(folder / RANDOMS)
     randoms = draw_randoms(job.random_slots(), recorded, str(folder / RANDOMS))
     tasks, merged = _distinct_tasks(job, model, randoms)
     all_ids = [t.id for t in tasks]
@@ -202,12 +202,3 @@ def _owner(folder: Path, name: str) -> str | None:
     except Exception:
         return None
     return task_id if isinstance(task_id, str) else None
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a record file; {} when it is missing or damaged (it is then rebuilt)."""
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}

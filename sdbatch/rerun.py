@@ -11,10 +11,10 @@ from .errors import InputError
 from .files import content_sha256, write_atomic
 from .images import open_image
 from .jobs import Task
-from .output.names import printable, text_problem
 from .output.png import png_bytes, read_png_text
 from .plan import ModelInfo
 from .recipe import Recipe
+from .text import printable, text_problem
 
 
 def recipe_from_image(path: Path) -> tuple[Recipe, dict[str, Any]]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import __version__
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError
-from .files import clean_temp_files, no_link, prepare_folder, write_atomic
+from .files import clean_temp_files, no_link, prepare_folder, read_record, write_atomic
 from .jobs import Job, Task, draw_randoms
 from .output.manifest import (
     Manifest,
@@ -38,7 +38,7 @@ from .output.manifest import (
 )
 from .output.png import png_bytes
 from .output.sheets import JOB_RECORD, SHEETS, make_sheets
-from .plan import RANDOMS, JobPlan, ModelInfo, plan_job, read_json
+from .plan import RANDOMS, JobPlan, ModelInfo, plan_job
 from .render import auto_batch_size, inline_executor, make_executor
 
 WRITERS = 4  # threads encoding and writing PNGs
@@ -222,7 +222,7 @@ def _settle_randoms(folder: Path, job: Job) -> dict[str, list[int]]:
     under a lock so that shards starting together all use the first shard's draw."""
     slots = job.random_slots()
     with output_lock(folder, ".sdbatch-randoms.lock", wait=True):
-        recorded = read_json(folder / RANDOMS)
+        recorded = read_record(folder / RANDOMS)
         randoms = draw_randoms(slots, recorded, str(folder / RANDOMS))
         if randoms != {k: recorded.get(k) for k in randoms}:
             write_atomic(folder / RANDOMS, json.dumps(recorded | randoms, indent=1).encode())

@@ -594,7 +594,7 @@ def test_template_problems_are_found_statically_and_by_type():
 
 
 def test_text_rules():
-    from sdbatch.output.names import printable, text_problem
+    from sdbatch.text import printable, text_problem
 
     assert text_problem("a red circle") is None
     assert text_problem("line one\nline two\tx", multiline=True) is None

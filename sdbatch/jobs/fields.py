@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..images import ImageError, open_image
-from ..output.names import text_problem
 from ..recipe import DEFAULTS, FIELDS, RULES
 from ..samplers import SAMPLER_NAMES, SAMPLERS
+from ..text import text_problem
 from .ranges import MAX_AXIS_VALUES, RangeError, parse_range
 from .wildcards import expand, has_syntax
 

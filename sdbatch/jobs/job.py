@@ -19,9 +19,10 @@ from typing import Any
 
 from ..errors import InputError
 from ..images import aspect_differs
-from ..output.names import DEFAULT_TEMPLATE, printable, template_problem, text_problem, tokens
+from ..output.names import DEFAULT_TEMPLATE, template_problem, tokens
 from ..recipe import FIELDS, Recipe
 from ..render.devices import device_counts
+from ..text import printable, text_problem
 from .fields import (
     MODEL,
     PARAMS,

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError
-from ..output.names import printable
+from ..text import printable
 
 MAX_DEPTH = 64  # a job nests 5 or 6 levels (runs -> run -> prompt -> {file: ...})
 MAX_NODES = 2_000_000  # expanded (aliases counted as often as they are used); 100,000 values per axis

@@ -9,7 +9,6 @@ from typing import Any
 
 from ..errors import InputError
 from ..recipe import FIELDS
-from ..text import printable, text_problem  # noqa: F401 - re-exported: names' users import them here
 
 DEFAULT_TEMPLATE = "{index:05d}-{seed}-{slug}"
 # tokens: every recipe field, plus where the task stands in its job and a short form of its prompt

@@ -6,7 +6,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from ..images import read_image
-from .names import printable
+from ..text import printable
 
 
 def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..files import no_link, write_atomic
+from ..files import no_link, read_record, write_atomic
 from ..recipe import FIELDS
 from .manifest import finished, read_manifests
 from .names import slug
@@ -44,10 +44,9 @@ def _read_record(path: Path) -> dict:
     if path.is_symlink():
         return {}
     try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        return read_record(path)
+    except OSError:  # unreadable (a folder, permissions): sheets do without it
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _wanted(sheet: Any) -> dict[str, str | None]:
