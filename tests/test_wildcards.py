@@ -106,6 +106,14 @@ def test_random_prompts_are_drawn_once_and_recorded_like_random_seeds(tmp_path, 
     first = plan_job(load_job(job), out)
     assert len(first.done) == 8 and not first.todo  # the same draws again: nothing left to render
     prompts = {t.recipe.prompt for t in first.tasks}
-    assert len(prompts) <= 4 and all(p.startswith(("a red animal", "a blue animal")) for p in prompts)
+    assert len(prompts) == 4 and all(p.startswith(("a red animal", "a blue animal")) for p in prompts)
     (out / "randoms.json").unlink()  # without the record the draws are new: another set of prompts
     assert {t.recipe.prompt for t in plan_job(load_job(job), out).tasks} != prompts  # 1 in ~10^6 to be equal
+
+
+def test_random_prompts_are_distinct_while_there_are_enough_to_pick_from():
+    from sdbatch.jobs.fields import RandomPrompts
+
+    choices = RandomPrompts(3, ("a", "b", "c"))
+    assert choices.pick([5, 5, 5]) == ["c", "a", "b"]  # 5 % 3 = 2, then the next free ones
+    assert choices.pick([5, 5, 5, 5]) == ["c", "a", "b", "c"]  # more draws than prompts: repeats

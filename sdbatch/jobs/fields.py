@@ -43,13 +43,22 @@ class RandomSeeds:
 class RandomPrompts:
     """`prompt: {random: n, from: "{a|b} __animal__"}`: n of the prompts the text expands to,
     drawn once per run and recorded in the output folder like `seed: random` (the draws are
-    numbers; draw d picks choices[d % len(choices)])."""
+    numbers; draw d picks choices[d % len(choices)], or the next one not yet picked, so that the
+    n prompts are distinct while there are n to pick from: a repeat would be merged into one task
+    and the run would render fewer images than asked)."""
 
     count: int
     choices: tuple[str, ...]
 
     def pick(self, draws: list[int]) -> list[str]:
-        return [self.choices[d % len(self.choices)] for d in draws]
+        n, taken, out = len(self.choices), set(), []
+        for d in draws:
+            i = d % n
+            while len(taken) < n and i in taken:
+                i = (i + 1) % n
+            taken.add(i)
+            out.append(self.choices[i])
+        return out
 
 
 RANDOM_VALUES = (RandomSeeds, RandomPrompts)  # values drawn when the job first runs
