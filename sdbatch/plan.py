@@ -11,13 +11,15 @@ from typing import Any
 
 from PIL import Image
 
+from .addons.library import AddonError, Folders, Library, check_addons
 from .checkpoints import model_hash, model_sha256, open_model, resolve_model
 from .files import content_sha256, inside, read_record
-from .jobs import Job, Task, draw_randoms
+from .jobs import Job, Run, Task, draw_randoms
+from .jobs.yamlmarks import JobError, Problem
 from .models.configs import SDConfig
 from .output.manifest import finished, read_manifests, whole_png
 from .output.names import file_name
-from .recipe import DEFAULTS
+from .recipe import DEFAULTS, Recipe
 
 RANDOMS = "randoms.json"  # the draws of `seed: random`, kept so that a resumed run uses the same seeds
 
@@ -117,10 +119,35 @@ def _distinct_tasks(job: Job, model: ModelInfo, randoms: dict[str, list[int]]) -
 
     tasks: dict[str, Task] = {}
     combos = job.expand(randoms, model.size, model.cfg)
+    library = Library(Folders.of(job.lora_folder, job.embedding_folder))
+    problems: dict[Problem, None] = {}
     for i, (run, recipe) in enumerate(combos):
-        task_id = recipe.task_id(model.id, digest)
-        tasks.setdefault(task_id, Task(i, run, task_id, recipe))
+        try:
+            addons = library.addons(recipe.loras(), recipe.prompt, recipe.negative)
+            check_addons(addons, model.config)
+        except AddonError as e:
+            problems[_addon_problem(job.runs[run], recipe, e)] = None
+            continue
+        task_id = recipe.task_id(model.id, digest, addons.id_data())
+        tasks.setdefault(task_id, Task(i, run, task_id, recipe, addons))
+    if problems:
+        raise JobError(list(problems))
     return list(tasks.values()), len(combos) - len(tasks)
+
+
+def _addon_problem(run: Run, recipe: Recipe, error: AddonError) -> Problem:
+    """Where in the job file a LoRA or embedding problem comes from: the `lora` key when it names
+    the LoRA, else the prompt (its tags, or an embedding's name), else the negative prompt."""
+    if error.kind == "lora":
+        field = "lora" if any(name == error.name for name, _, _ in recipe.lora) else "prompt"
+    else:
+        field = "prompt" if _flat(error.name) in _flat(recipe.prompt) else "negative"
+    source = run.sources.get(field) or run.sources["prompt"]
+    return Problem(source.file, source.line, source.field, str(error))
+
+
+def _flat(text: str) -> str:
+    return "".join(text.lower().split())
 
 
 def plan_job(

@@ -23,6 +23,7 @@ from typing import Any
 from .errors import InputError
 from .output.a1111 import format_infotext, number_text, parse_infotext
 from .prompts import prompt_problem
+from .prompts.networks import LoraTag, lora_tags, name_problem, strip_networks, weight_problem
 from .samplers import SAMPLER_NAMES, SAMPLERS
 from .text import text_problem
 
@@ -46,6 +47,9 @@ class Recipe:
     negative: str = param("", "the unconditional prompt of classifier-free guidance")
     emphasis: str = param("original", "how (x:1.2) weights apply: original (A1111), no-norm, none, comfy")
     clip_skip: int = param(1, "A1111's Clip skip: 1 = the text encoder's last layer, N = skip the last N-1")
+    lora: tuple[tuple[str, float, float], ...] = param(
+        (), "LoRAs merged into the model: (name, text-encoder weight, UNet weight); prompt <lora:> tags add more"
+    )
     init_image: str | None = param(None, "img2img / inpainting: the image to start from (a path)", file=True)
     mask: str | None = param(None, "inpainting: white = repaint (a path); needs init_image", file=True)
     size: tuple[int, int] = param((512, 512), "(width, height) in pixels, multiples of 8")
@@ -71,8 +75,14 @@ class Recipe:
         return "img2img" if self.mask is None else "inpaint"
 
     def batch_key(self) -> tuple:
-        """Recipes with equal keys share every UNet call; prompts, seeds and CFG may differ."""
-        return (self.steps, self.sampler, self.karras, self.size, self.mode, self.strength)
+        """Recipes with equal keys share every UNet call; prompts, seeds and CFG may differ (the
+        LoRAs may not: they are merged into the weights every image of a batch goes through)."""
+        return (self.steps, self.sampler, self.karras, self.size, self.mode, self.strength, self.loras())
+
+    def loras(self) -> tuple[tuple[str, float, float], ...]:
+        """Every LoRA this image merges: the prompt's `<lora:...>` tags first (in A1111's order),
+        then the `lora` field's. ValueError for a tag that cannot be applied (see `problems`)."""
+        return tuple((t.name, t.te, t.unet) for t in lora_tags(self.prompt)) + self.lora
 
     # -- rules
 
@@ -89,6 +99,14 @@ class Recipe:
             text = getattr(self, name)
             if isinstance(text, str) and (message := _prompt_problem(text, self.steps, name == "negative")):
                 yield name, message
+        if isinstance(self.prompt, str) and _text(self.prompt) is None and RULES["lora"](self.lora) is None:
+            try:
+                names = [name for name, _, _ in self.loras()]
+            except ValueError as e:
+                yield "prompt", str(e)
+            else:
+                if twice := sorted({n for n in names if names.count(n) > 1}):
+                    yield "lora", f"LoRA {twice[0]!r} is named twice (in the prompt or the lora field); name it once"
         if self.mask is not None and self.init_image is None:
             yield "mask", "a mask needs an init_image to repaint"
         if self.init_image is None and self.strength is not None:
@@ -126,9 +144,10 @@ class Recipe:
 
     # -- ids
 
-    def task_id(self, model_id: str, digest: Callable[[str], str]) -> str:
+    def task_id(self, model_id: str, digest: Callable[[str], str], addons: list | None = None) -> str:
         """16 hex digits naming this image across runs: sha256 of the recipe (file fields by their
-        contents' `digest`) and the model. Fields added after 0.1.0 enter only when they differ from
+        contents' `digest`), the model, and the add-ons' contents (`Addons.id_data`: LoRAs and the
+        embeddings the prompts name). Fields added after 0.1.0 enter only when they differ from
         their default, so adding a parameter never changes the ids of images already rendered."""
         data: dict[str, Any] = {}
         for f in fields(self):
@@ -142,20 +161,27 @@ class Recipe:
             else:
                 data[f.name] = value
         data["model"] = model_id
+        if addons:
+            data["addons"] = addons
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- A1111's `parameters` text
 
-    def to_a1111(self, model: dict[str, str], version: str) -> str:
+    def to_a1111(self, model: dict[str, str], version: str, extra: dict[str, str] | None = None) -> str:
         """The infotext A1111 writes (create_infotext), which its PNG Info tab and civitai read.
-        `model` gives `Model hash` and `Model`, written after `Size` as A1111 does."""
+        `model` gives `Model hash` and `Model`, written after `Size` as A1111 does; `extra` (the
+        add-ons' `Lora hashes`, `TI hashes`) goes before `Version`. The `lora` field has no key
+        in A1111: its LoRAs are written as tags at the end of the prompt, which A1111 strips
+        before CLIP sees the text, so A1111 renders the same picture from it."""
         pairs: dict[str, Any] = {}
         for name, (key, write, _) in A1111_KEYS.items():
             pairs[key] = write(getattr(self, name))
             if key == "Size":
                 pairs |= model
+        pairs |= extra or {}
         pairs["Version"] = f"sdbatch {version}"
-        return format_infotext(self.prompt, self.negative, pairs)
+        prompt = self.prompt + "".join(LoraTag(*lora).text() for lora in self.lora)
+        return format_infotext(prompt, self.negative, pairs)
 
     @classmethod
     def from_a1111(cls, text: str, where: str = "") -> "Recipe":
@@ -173,7 +199,7 @@ def a1111_values(text: str, where: str = "") -> dict[str, Any]:
     key that would change the picture and has no field yet, or a value that does not parse."""
     prompt, negative, pairs = parse_infotext(text)
     values: dict[str, Any] = {"prompt": prompt, "negative": negative}
-    unknown = [k for k in pairs if k not in _READERS and k not in A1111_IGNORED]
+    unknown = [k for k in pairs if k not in _READERS and k not in A1111_IGNORED and k not in A1111_ADDON_KEYS]
     if unknown:
         raise RecipeError(f"{where}sdbatch cannot reproduce these A1111 fields yet: {', '.join(unknown)}")
     for required in ("Steps", "Sampler", "CFG scale", "Seed", "Size"):
@@ -253,6 +279,8 @@ def _prompt_problem(text: str, steps: Any, negative: bool) -> str | None:
     cached: a job's combinations repeat the same few prompts many times."""
     if text_problem(text, multiline=True) is not None:
         return None  # the field's own rule says what is wrong
+    if not negative:
+        text = strip_networks(text)  # A1111 takes <lora:...> tags out before parsing the rest
     return prompt_problem(text, steps if isinstance(steps, int) and steps >= 1 else None, negative=negative)
 
 
@@ -263,11 +291,23 @@ def _emphasis(value: Any) -> str | None:
     return None if value in EMPHASIS else f"unknown emphasis {value!r} (known: {', '.join(EMPHASIS)})"
 
 
+def _lora(value: Any) -> str | None:
+    if not isinstance(value, tuple):
+        return f"must be a list of (name, weight) LoRAs, got {value!r}"
+    for item in value:
+        if not isinstance(item, tuple) or len(item) != 3:
+            return f"each LoRA must be (name, text-encoder weight, UNet weight), got {item!r}"
+        if problem := name_problem(item[0]) or weight_problem(item[1]) or weight_problem(item[2]):
+            return problem
+    return None
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
     "prompt": _text,
     "negative": _text,
     "emphasis": _emphasis,
     "clip_skip": _whole(1, 12, "from 1 (off) to 12"),
+    "lora": _lora,
     "init_image": _path,
     "mask": _path,
     "size": _size,
@@ -285,7 +325,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
 
 
 def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -296,7 +336,15 @@ def _coerce(name: str, value: Any) -> Any:
         return tuple(value)
     if name == "cfg" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if name == "lora":
+        if not isinstance(value, list) or not all(isinstance(v, list) and len(v) == 3 for v in value):
+            raise ValueError(f"must be a list of [name, te weight, unet weight], got {value!r}"[:200])
+        return tuple((n, _real_number(te), _real_number(unet)) for n, te, unet in value)
     return value
+
+
+def _real_number(value: Any) -> Any:
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,3 +400,5 @@ A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str,
 _READERS = {key: read for key, _, read in A1111_KEYS.values()}
 # keys that do not change the pixels (or name the model, which rerun resolves itself)
 A1111_IGNORED = {"Model hash", "Model", "Version"}
+# the add-ons' short hashes: not recipe fields, but rerun checks the files it finds against them
+A1111_ADDON_KEYS = {"Lora hashes", "TI hashes"}

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .addons.library import Addons, Folders, Library, check_addons
 from .errors import InputError
 from .files import content_sha256, write_atomic
 from .images import open_image
 from .jobs import Task
+from .output.a1111 import parse_infotext
 from .output.png import png_bytes, read_png_text
 from .plan import ModelInfo
 from .recipe import Recipe
@@ -95,17 +97,72 @@ def rerun_image(image: Path, output: Path, model: str | None = None, device: str
         raise InputError(f"{printable(str(target))} is the image itself; choose another --output")
 
     record = meta.get("task", {})
-    task = Task(record.get("index", 0), record.get("run", 0), recipe.task_id(info.id, content_sha256), recipe)
+    addons = find_addons(recipe, record.get("addons", {}), _a1111_hashes(image, meta), shown, bool(meta))
+    check_addons(addons, info.config)
+    task_id = recipe.task_id(info.id, content_sha256, addons.id_data())
+    task = Task(record.get("index", 0), record.get("run", 0), task_id, recipe, addons)
     from .render import ModelSpec, build_renderer, parse_devices
 
     render = build_renderer(ModelSpec(str(info.path), None, parse_devices(device)[0]))
     [(picture, error)] = render([task])
     if picture is None:
         raise InputError(f"{shown}: rendering failed again: {error}")
-    text = {"parameters": recipe.to_a1111(info.a1111(), __version__)}
+    text = {"parameters": recipe.to_a1111(info.a1111(), __version__, addons.a1111())}
     if meta:
-        meta = dict(meta, model=info.record(), task=dict(record, id=task.id))
+        meta = dict(meta, model=info.record(), task=dict(record, id=task.id) | _addon_record(addons))
         text["sdbatch"] = json.dumps(meta, ensure_ascii=False)
     output.mkdir(parents=True, exist_ok=True)
     write_atomic(target, png_bytes(picture, text))
     return target
+
+
+def _addon_record(addons: Addons) -> dict[str, Any]:
+    return {"addons": addons.record()} if addons else {}
+
+
+def _a1111_hashes(image: Path, meta: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """An A1111 image's `Lora hashes` and `TI hashes` as {"lora": {name: hash}, "embedding": ...}."""
+    if meta:
+        return {}
+    _, _, pairs = parse_infotext(read_png_text(image).get("parameters", ""))
+    out: dict[str, dict[str, str]] = {}
+    for kind, key in (("lora", "Lora hashes"), ("embedding", "TI hashes")):
+        for item in str(pairs.get(key, "")).split(","):
+            name, _, short = item.strip().rpartition(":")
+            if name.strip() and short.strip():
+                out.setdefault(kind, {})[name.strip()] = short.strip().lower()
+    return out
+
+
+def find_addons(recipe: Recipe, recorded: Any, a1111: dict[str, dict[str, str]], shown: str, ours: bool) -> Addons:
+    """The recipe's LoRAs and embeddings, found by name in the add-on folders, and checked against
+    what the image records: our chunk's full sha256 of each (`ours`: it lists every add-on used,
+    so one found now that it does not list would change the picture), or A1111's short hashes. A
+    file that is missing or is not the one the image was made with is refused, never used instead."""
+    addons = Library(Folders.of()).addons(recipe.loras(), recipe.prompt, recipe.negative)
+    if not isinstance(recorded, dict):
+        raise InputError(f"{shown}: its sdbatch metadata is damaged (addons is not an object)")
+    for kind, uses in (("lora", addons.loras), ("embedding", addons.embeddings)):
+        what = "LoRA" if kind == "lora" else "embedding"
+        listed = recorded.get("loras" if kind == "lora" else "embeddings", [])
+        if not isinstance(listed, list) or not all(isinstance(e, dict) for e in listed):
+            raise InputError(f"{shown}: its sdbatch metadata is damaged ({kind}s is not a list of objects)")
+        full = {e.get("name"): e.get("sha256") for e in listed}
+        short = a1111.get(kind, {})
+        for use in uses:
+            a1111_name = use.name.replace(":", "").replace(",", "")
+            if ours and use.name not in full:
+                raise InputError(
+                    f"{shown}: {what} {printable(use.name)!r} ({printable(use.path)}) would now apply to its prompt, "
+                    f"but the image was made without it; move it out of the {kind} folder to render the image again"
+                )
+            if (ours and full[use.name] != use.sha256) or (a1111_name in short and short[a1111_name] != use.short):
+                made = str(full[use.name])[:12] if ours else short[a1111_name]
+                raise InputError(
+                    f"{shown}: {what} {printable(use.name)!r} found at {printable(use.path)} is not the file the image "
+                    f"was made with (hash {printable(made)}, this file {use.sha256[:12] if ours else use.short})"
+                )
+        missing = [n for n in full if n not in {u.name for u in uses}]
+        if missing:
+            raise InputError(f"{shown}: {what} {printable(str(missing[0]))!r} the image was made with is not found")
+    return addons

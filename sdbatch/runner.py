@@ -100,6 +100,7 @@ def entry_for(task: Task, file: str | None, job: Job, status: str, **extra: Any)
         "file": file,
         "status": status,
         **task.recipe.to_record(),
+        **({"addons": task.addons.record()} if task.addons else {}),
         "index": task.index,
         "run": task.run,
         "job": job.name,
@@ -112,7 +113,7 @@ def png_text(task: Task, file: str, job: Job, model: ModelInfo) -> dict[str, str
     """The two text chunks of an image: A1111's infotext, and our JSON with the whole record."""
     meta = {"job": job.name, "version": __version__, "model": model.record(), "task": entry_for(task, file, job, "ok")}
     return {
-        "parameters": task.recipe.to_a1111(model.a1111(), __version__),
+        "parameters": task.recipe.to_a1111(model.a1111(), __version__, task.addons.a1111()),
         "sdbatch": json.dumps(meta, ensure_ascii=False),
     }
 
@@ -349,14 +350,19 @@ def _render_all(
 
 
 def _batches(plan: JobPlan, todo: list[Task], options: Options, device: str) -> Iterator[list[Task]]:
-    """Compatible tasks of each run (one recipe batch key) in batches, in order of each group's
-    first task."""
-    for run in plan.job.runs:
-        size = int(options.batch_size or (run.batch_size if run.batch_size != "auto" else auto_batch_size(device)))
-        groups: dict[tuple, list[Task]] = {}
-        for task in todo:
-            if task.run == run.index:
-                groups.setdefault(task.recipe.batch_key(), []).append(task)
-        for group in groups.values():
-            for i in range(0, len(group), size):
-                yield group[i : i + size]
+    """Compatible tasks (one recipe batch key) in batches. Tasks are taken LoRA set by LoRA set, in
+    order of each set's first task, so that a worker merges each set once per job rather than
+    once per batch; within a set, run by run, in order of each group's first task."""
+    by_loras: dict[tuple, list[Task]] = {}
+    for task in todo:
+        by_loras.setdefault(task.recipe.loras(), []).append(task)
+    for tasks in by_loras.values():
+        for run in plan.job.runs:
+            size = int(options.batch_size or (run.batch_size if run.batch_size != "auto" else auto_batch_size(device)))
+            groups: dict[tuple, list[Task]] = {}
+            for task in tasks:
+                if task.run == run.index:
+                    groups.setdefault(task.recipe.batch_key(), []).append(task)
+            for group in groups.values():
+                for i in range(0, len(group), size):
+                    yield group[i : i + size]

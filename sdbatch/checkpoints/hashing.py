@@ -3,7 +3,9 @@
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from ..files import write_atomic
 
@@ -17,9 +19,25 @@ def cache_dir() -> Path:
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file, cached by (real path, size, mtime)."""
+    return _cached(path, "file", lambda f: f)
+
+
+def addnet_sha256(path: str | Path) -> str:
+    """A1111's "addnet" hash of a .safetensors file: the sha256 of the bytes after the 8-byte length
+    and the JSON header, so that editing a LoRA's metadata keeps its hash (`Lora hashes` uses it)."""
+
+    def body(f: BinaryIO) -> BinaryIO:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        return f
+
+    return _cached(path, "addnet", body)
+
+
+def _cached(path: str | Path, part: str, seek: Callable[[BinaryIO], BinaryIO]) -> str:
     path = Path(path).resolve()
     stat = path.stat()
-    entry = cache_dir() / "hashes" / (hashlib.sha1(str(path).encode()).hexdigest() + ".json")
+    name = str(path) if part == "file" else f"{path}#{part}"  # file hashes keep their old cache entries
+    entry = cache_dir() / "hashes" / (hashlib.sha1(name.encode()).hexdigest() + ".json")
     stamp = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     try:
         cached = json.loads(entry.read_text())
@@ -29,6 +47,7 @@ def file_sha256(path: str | Path) -> str:
         pass
     digest = hashlib.sha256()
     with path.open("rb") as f:
+        seek(f)
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     sha = digest.hexdigest()

@@ -6,6 +6,7 @@ rules live in one place and every message still points at the item's line.
 """
 
 import difflib
+import itertools
 import math
 import re
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..images import ImageError, open_image
+from ..prompts.networks import name_problem
 from ..recipe import DEFAULTS, FIELDS, RULES
 from ..samplers import SAMPLER_NAMES, SAMPLERS
 from ..text import text_problem
@@ -256,11 +258,49 @@ def _emphasis(item: Any, ctx: Context) -> list:
     return [{"ignore": "none"}.get(text, text)]
 
 
+def _lora(item: Any, ctx: Context) -> list:
+    """One set of LoRAs: `{add_detail: 0.6, film_grain: 0.3}`; a weight may be a sweep (`0.2-1.0
+    [5]`, `[0.2, 0.8]`) and the set stands for every combination; `{name: {te: 0.5, unet: 1}}`
+    weighs the text encoder and the UNet apart (each sweepable); `none` or `{}` is no LoRA. A list
+    of sets (`lora: [{a: 1}, {b: 1}]`) is an axis of sets."""
+    if item is None or item == "none" or item == {}:
+        return [()]
+    if not isinstance(item, dict):
+        raise ValueError(f"must be LoRA names with weights, like {{add_detail: 0.6}}, or none; got {show(item)}")
+    choices = []
+    for name, weight in item.items():
+        if problem := name_problem(name):
+            raise ValueError(problem)
+        if isinstance(weight, dict):
+            if unknown := sorted(set(map(str, weight)) - {"te", "unet"}):
+                raise ValueError(f"{name}: unknown key {unknown[0]!r}; write {{te: 0.5, unet: 1.0}}")
+            te = _weights(name, weight.get("te", 1.0), ctx)
+            unet = _weights(name, weight["unet"], ctx) if "unet" in weight else None
+            choices.append([(name, t, u) for t in te for u in (unet or [t])])
+        else:
+            choices.append([(name, w, w) for w in _weights(name, weight, ctx)])
+    combos = math.prod(len(c) for c in choices)
+    if combos > MAX_AXIS_VALUES:
+        raise ValueError(f"{combos:,} LoRA weight combinations; at most {MAX_AXIS_VALUES:,} per axis")
+    return [tuple(combo) for combo in itertools.product(*choices)]
+
+
+def _weights(name: str, weight: Any, ctx: Context) -> list[float]:
+    items = weight if isinstance(weight, list) else [weight]
+    if not items:
+        raise ValueError(f"{name}: empty list of weights")
+    try:
+        return [w for item in items for w in _numbers(False)(item, ctx)]
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
 PARSERS: dict[str, Callable[[Any, Context], list]] = {
     "prompt": _text,
     "negative": _text,
     "emphasis": _emphasis,
     "clip_skip": _numbers(True),
+    "lora": _lora,
     "init_image": _image,
     "mask": _image,
     "size": _size,

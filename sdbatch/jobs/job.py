@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..addons.library import Addons
 from ..errors import InputError
 from ..images import aspect_differs
 from ..output.names import DEFAULT_TEMPLATE, template_problem, tokens
@@ -43,7 +44,20 @@ MAX_JOB_FILE = 16 * 2**20  # bytes: a job file is text someone wrote
 MAX_NAME_BYTES = 200  # the job's name is a folder name (255 bytes at most, with room to spare)
 MAX_TEXT_KEY_BYTES = 4000  # name, model, vae, output, devices, filename (a path is at most 4096)
 MULTILINE = ("prompt", "negative")  # text that may hold line breaks and tabs
-TOP_KEYS = ("name", "model", "vae", "output", "filename", "sheet", "devices", "wildcards", "defaults", "runs")
+TOP_KEYS = (
+    "name",
+    "model",
+    "vae",
+    "output",
+    "filename",
+    "sheet",
+    "devices",
+    "wildcards",
+    "lora_folder",
+    "embedding_folder",
+    "defaults",
+    "runs",
+)
 RUN_KEYS = (*PARAMS, "sheet")
 AXES = FIELDS  # what can vary between the images of a run (and label a contact sheet's rows)
 # Names people bring from A1111, diffusers or habit, and what this file calls them.
@@ -103,6 +117,7 @@ class Task:
     run: int
     id: str
     recipe: Recipe
+    addons: Addons = field(default_factory=Addons)  # the LoRA and embedding files it uses, with their hashes
 
     def __getattr__(self, name: str) -> Any:
         """`task.seed` reads the recipe's seed: a task is its recipe, placed in a job."""
@@ -123,6 +138,8 @@ class Job:
     runs: list[Run]
     sheet: dict[str, str | None]
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    lora_folder: Path | None = None  # looked in before the weights folders (sdbatch.addons.library)
+    embedding_folder: Path | None = None
 
     def random_slots(self) -> dict[str, int]:
         """`run<i>.seed` (and `run<i>.prompt`, `run<i>.negative`) -> how many draws that run needs."""
@@ -382,10 +399,22 @@ def _job_settings(check: _Checker, data: LineDict, file: Path) -> Job:
         check.ctx.wildcards = (file.parent / wildcards).resolve()
         if not check.ctx.wildcards.is_dir():
             check.problem(data.lines["wildcards"], "wildcards", f"{check.ctx.wildcards} is not a folder")
+    folders = {key: _folder(check, data, key) for key in ("lora_folder", "embedding_folder")}
     filename = check.text_key(data, "filename", DEFAULT_TEMPLATE) or DEFAULT_TEMPLATE
     _check_filename(check, filename, data.lines.get("filename", 0))
     sheet = _sheet(check, data.get("sheet"), data.lines.get("sheet", 0))
-    return Job(file, name, model, vae, output, filename, devices, [], sheet)
+    return Job(file, name, model, vae, output, filename, devices, [], sheet, **folders)
+
+
+def _folder(check: _Checker, data: LineDict, key: str) -> Path | None:
+    """A folder key, relative to the job file; it must exist (a typo would silently look elsewhere)."""
+    text = check.text_key(data, key, None)
+    if text is None:
+        return None
+    folder = (check.ctx.base / text).resolve()
+    if not folder.is_dir():
+        check.problem(data.lines[key], key, f"{folder} is not a folder")
+    return folder
 
 
 def _exists(path: Path) -> bool:

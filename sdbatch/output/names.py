@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import InputError
+from ..prompts.networks import lora_label
 from ..recipe import FIELDS
 
 DEFAULT_TEMPLATE = "{index:05d}-{seed}-{slug}"
@@ -33,6 +34,7 @@ def tokens(task: Any) -> dict[str, Any]:
     r = task.recipe
     values = {name: "" if getattr(r, name) is None else getattr(r, name) for name in FIELDS}
     values["size"] = f"{r.width}x{r.height}"
+    values["lora"] = lora_label(r.lora)
     return values | {
         "index": task.index,
         "run": task.run,

@@ -10,6 +10,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from ..files import no_link, read_record, write_atomic
+from ..prompts.networks import lora_label
 from ..recipe import FIELDS
 from .manifest import finished, read_manifests
 from .names import slug
@@ -82,6 +83,8 @@ def _label_of(axis: str, value: Any) -> str:
         return Path(str(value)).name
     if axis in ("prompt", "negative"):
         return str(value) or '""'
+    if axis == "lora":
+        return lora_label(value)
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)

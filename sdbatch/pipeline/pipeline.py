@@ -12,14 +12,20 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
-from ..checkpoints import load_model, resolve_model
+from ..addons.embeddings import EmbeddingLookup, read_embedding
+from ..addons.library import Addons, EmbeddingUse, LoraUse
+from ..addons.lora import LoraFile, read_lora
+from ..addons.merge import Merger
+from ..checkpoints import file_sha256, load_model, resolve_model
 from ..errors import InputError
 from ..models import StableDiffusion
 from ..prompts import parse_attention, prompt_schedule
+from ..prompts.networks import strip_networks
 from ..recipe import EMPHASIS, Recipe
 from ..samplers import NoiseSchedule, get_sampler
 from ..tokenizer import Tokenizer, load_tokenizer
@@ -64,12 +70,18 @@ class Request:
     recipe: Recipe
     init_image: Image.Image | None = field(default=None, compare=False)
     mask: Image.Image | None = field(default=None, compare=False)  # white = repaint
+    addons: Addons = field(default_factory=Addons, compare=False)  # the recipe's LoRAs and embeddings, as files
 
     def __post_init__(self) -> None:
         for name in ("init_image", "mask"):
             if (getattr(self.recipe, name) is None) != (getattr(self, name) is None):
                 raise RequestError(f"{name}: the recipe and the request must both have one, or neither")
         self.recipe.check()
+        named = [(u.name, u.te, u.unet) for u in self.addons.loras]
+        if named != list(self.recipe.loras()):
+            raise RequestError(
+                "lora: the request's LoRA files are not the recipe's LoRAs (resolve them with a Library)"
+            )
 
 
 @dataclass
@@ -140,7 +152,11 @@ class Pipeline:
         self.schedule = NoiseSchedule()
         self.latent_factor = 2 ** (len(model.config.vae.ch_mult) - 1)
         self.inpainting_model = model.config.unet.in_channels == 9
-        self._prompts: OrderedDict[tuple[str, str, int], torch.Tensor] = OrderedDict()
+        self._prompts: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.merger = Merger(self.model)
+        self._merged: tuple = ()  # the LoRA set in the weights now: ((path, sha256, te, unet), ...)
+        self._addon_files: dict[tuple[str, str], Any] = {}  # (path, sha256) -> LoraFile or Embedding
+        self._lookups: dict[tuple[EmbeddingUse, ...], EmbeddingLookup] = {}
 
     @classmethod
     def from_file(
@@ -184,21 +200,29 @@ class Pipeline:
         bos, eos = self.tokenizer.bos, self.tokenizer.eos
         return torch.tensor([[bos, *w, eos] + [eos] * (chunk - len(w)) for w in windows], dtype=torch.long)
 
-    def prompt_chunks(self, text: str, emphasis: str = "original") -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, 77) ids and their (k, 77) emphasis weights. With emphasis "none" brackets are plain
-        text and the prompt is cut into plain 75-token windows (`token_windows`); otherwise it is
-        parsed for emphasis and BREAK and chunked as A1111 does (`Tokenizer.chunks`)."""
-        if emphasis == "none":
+    def prompt_chunks(
+        self, text: str, emphasis: str = "original", embeddings: EmbeddingLookup | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(k, 77) ids, their (k, 77) emphasis weights, and per chunk the embedding vectors that
+        replace placeholder tokens. With emphasis "none" brackets are plain text and the prompt is
+        cut into plain 75-token windows (`token_windows`; no embeddings); otherwise it is parsed for
+        emphasis and BREAK and chunked as A1111 does (`Tokenizer.chunks`)."""
+        if emphasis == "none" and embeddings is None:
             ids = self.token_windows(text)
-            return ids, torch.ones(ids.shape)
-        chunks = self.tokenizer.chunks(parse_attention(text), self.model.config.clip.max_positions - 2)
-        return torch.tensor([c.ids for c in chunks]), torch.tensor([c.weights for c in chunks])
+            return ids, torch.ones(ids.shape), [[] for _ in ids]
+        pieces = [(text, 1.0)] if emphasis == "none" else parse_attention(text)
+        chunks = self.tokenizer.chunks(pieces, self.model.config.clip.max_positions - 2, embeddings=embeddings)
+        ids, weights = torch.tensor([c.ids for c in chunks]), torch.tensor([c.weights for c in chunks])
+        return ids, weights, [c.fixes for c in chunks]
 
-    def encode_prompt(self, text: str, emphasis: str = "original", clip_skip: int = 1) -> torch.Tensor:
+    def encode_prompt(
+        self, text: str, emphasis: str = "original", clip_skip: int = 1, embeddings: tuple[EmbeddingUse, ...] = ()
+    ) -> torch.Tensor:
         """(1, 77 * k, width) text embeddings, one 77-token chunk after another; cached per
-        (prompt, emphasis, clip skip) for this pipeline's model. `emphasis` is how the weights of
-        `(word:1.2)` apply (see `apply_emphasis`); `clip_skip` counts as A1111's "Clip skip"."""
-        key = (text, emphasis, clip_skip)
+        (prompt, emphasis, clip skip, embeddings) for this pipeline's model and merged LoRAs.
+        `emphasis` is how the weights of `(word:1.2)` apply (see `apply_emphasis`); `clip_skip`
+        counts as A1111's "Clip skip"; `embeddings` are those that may trigger in the text."""
+        key = (text, emphasis, clip_skip, embeddings)
         if key in self._prompts:
             self._prompts.move_to_end(key)
             return self._prompts[key]
@@ -207,11 +231,11 @@ class Pipeline:
         layers = self.model.config.clip.layers
         if not 1 <= clip_skip <= layers:
             raise RequestError(f"clip_skip: {clip_skip}, but this model's text encoder has {layers} layers")
-        ids, weights = self.prompt_chunks(text, emphasis)
+        ids, weights, fixes = self.prompt_chunks(text, emphasis, self._lookup(embeddings))
         weighted = emphasis != "none" and bool((weights != 1).any())
         with torch.inference_mode(), self._on_device(self.model.text_encoder) as encoder:
             device = next(encoder.parameters()).device
-            z = encoder(ids.to(device), clip_skip)
+            z = encoder(ids.to(device), clip_skip, fixes if any(fixes) else None)
             if weighted:
                 empty = encoder(self.token_windows("").to(device), clip_skip) if emphasis == "comfy" else None
                 z = apply_emphasis(z, weights.to(device), emphasis, empty)
@@ -221,9 +245,44 @@ class Pipeline:
             self._prompts.popitem(last=False)
         return embedding
 
-    def _context(self, recipe: Recipe, text: str) -> torch.Tensor:
+    def _context(self, recipe: Recipe, text: str, embeddings: tuple[EmbeddingUse, ...] = ()) -> torch.Tensor:
         """A recipe's prompt or negative as UNet context, with the recipe's emphasis and clip skip."""
-        return self.encode_prompt(text, getattr(recipe, "emphasis", "original"), getattr(recipe, "clip_skip", 1))
+        return self.encode_prompt(text, recipe.emphasis, recipe.clip_skip, embeddings)
+
+    # -- add-ons
+
+    def _addon_file(self, use: LoraUse | EmbeddingUse, read: Callable[[str], Any]) -> Any:
+        """A LoRA or embedding file, read once; refused if it is not the file the plan hashed."""
+        key = (use.path, use.sha256)
+        if key not in self._addon_files:
+            if file_sha256(use.path) != use.sha256:
+                raise RequestError(f"{use.name}: {use.path} changed since the job was planned; plan it again")
+            self._addon_files[key] = read(use.path)
+        return self._addon_files[key]
+
+    def use_loras(self, loras: Sequence[LoraUse]) -> None:
+        """Merge this LoRA set into the weights, unless it is the one merged already (a worker takes
+        its batches set by set, so each set is merged once per job). Text embeddings computed with
+        other LoRAs are forgotten."""
+        key = tuple((u.path, u.sha256, u.te, u.unet) for u in loras)
+        if key == self._merged:
+            return
+        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        files: list[tuple[LoraFile, float, float]] = [
+            (self._addon_file(u, lambda p: read_lora(p, shapes, self.model.config.unet)), u.te, u.unet) for u in loras
+        ]
+        self.merger.apply(files)
+        self._merged = key
+        self._prompts.clear()
+
+    def _lookup(self, embeddings: tuple[EmbeddingUse, ...]) -> EmbeddingLookup | None:
+        if not embeddings:
+            return None
+        if embeddings not in self._lookups:
+            width = self.model.config.clip.width
+            vectors = {u.name: self._addon_file(u, lambda p: read_embedding(p, width)).vectors for u in embeddings}
+            self._lookups[embeddings] = EmbeddingLookup(vectors, self.tokenizer.tokens)
+        return self._lookups[embeddings]
 
     # -- rendering: 1. check the batch, 2. noise sources, 3. start, 4. guidance rows, 5. sample, 6. decode
 
@@ -241,6 +300,7 @@ class Pipeline:
                 f"size: {first.width}x{first.height} is not a multiple of {self.latent_factor}, "
                 f"which this model's VAE needs"
             )
+        self.use_loras(requests[0].addons.loras)
         sampler = get_sampler(first.sampler)
         plan = sampler.plan(self.schedule, first.steps, first.karras)
         shape = (4, first.height // self.latent_factor, first.width // self.latent_factor)
@@ -253,20 +313,21 @@ class Pipeline:
         begin = self._start(requests, plan, draw)
         rows = GuidanceRows(
             [r.recipe.cfg for r in requests],
-            [(self._schedule(r.recipe, r.recipe.prompt), self._uncond(r.recipe)) for r in requests],
+            [(self._schedule(r, strip_networks(r.recipe.prompt)), self._uncond(r)) for r in requests],
             self.device,
         )
         x = sampler.sample(self._denoiser(rows, begin), begin.x, begin.plan.sigmas, draw, begin.after_step)
         return self._decode(requests, begin.plan.to_vp(x))
 
-    def _schedule(self, recipe: Recipe, text: str) -> Schedule:
+    def _schedule(self, request: Request, text: str) -> Schedule:
         """The prompt's contexts over the recipe's steps: (end step, context) per stretch of prompt
         editing (A1111's `[from:to:when]`, `[a|b]`); one entry for a prompt without editing. As in
         A1111, an img2img run of the last n of `steps` walks the schedule of all `steps` from its start."""
-        return [(end, self._context(recipe, part)) for end, part in prompt_schedule(text, recipe.steps)]
+        recipe, embeddings = request.recipe, request.addons.embeddings
+        return [(end, self._context(recipe, part, embeddings)) for end, part in prompt_schedule(text, recipe.steps)]
 
-    def _uncond(self, recipe: Recipe) -> Schedule | None:
-        return None if recipe.cfg == 1 else self._schedule(recipe, recipe.negative)
+    def _uncond(self, request: Request) -> Schedule | None:
+        return None if request.recipe.cfg == 1 else self._schedule(request, request.recipe.negative)
 
     def _start(self, requests: Sequence[Request], plan, draw: Callable[[], torch.Tensor]) -> start.Start:
         first = requests[0].recipe

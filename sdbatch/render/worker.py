@@ -39,7 +39,7 @@ def build_renderer(spec: ModelSpec) -> Render:
         return None if path is None else images[path]
 
     def render(batch: list) -> Results:
-        requests = [Request(t.recipe, image(t.recipe.init_image), image(t.recipe.mask)) for t in batch]
+        requests = [Request(t.recipe, image(t.recipe.init_image), image(t.recipe.mask), t.addons) for t in batch]
         return [(r.image, r.error) for r in pipeline.render(requests)]
 
     return with_backoff(render)

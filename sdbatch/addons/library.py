@@ -1,0 +1,270 @@
+"""Finding add-ons by name in their folders, and what a task records of the ones it uses.
+
+A LoRA is named by its file's stem (`<lora:add_detail:0.6>` -> `add_detail.safetensors`), as in
+A1111; an embedding is triggered by its file's stem appearing in a prompt. Folders, first found
+wins: the job's own (`loras:` / `embeddings:` keys), `$SDBATCH_WEIGHTS/loras` (default
+./weights/loras), then the checkout's `weights/loras`; the same with `embeddings`. Subfolders are
+searched too; two files of one name in one folder are refused as ambiguous, never picked at random.
+
+What enters a task's id is each add-on's sha256 (its contents, not its name) and weights, so a
+LoRA file replaced by another of the same name renders new images and never passes for the old.
+Torch-free, except `check_lora`, which builds the model's shapes on the meta device.
+"""
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..checkpoints import SHIPPED_WEIGHTS, CheckpointError, weights_dir
+from ..checkpoints.hashing import addnet_sha256, file_sha256
+from ..models.configs import SDConfig
+from ..prompts.networks import strip_networks
+from ..text import printable
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+MAX_FILES = 100_000  # entries one add-on folder is searched for, at most
+SHORT = 12  # hex digits A1111 writes in `Lora hashes` / `TI hashes`
+
+
+class AddonError(CheckpointError):
+    """An add-on that cannot be used (missing, ambiguous, damaged, for another model); `kind`
+    ("lora" or "embedding") and `name` say which, so a job can point at the line naming it."""
+
+    def __init__(self, message: str, kind: str = "", name: str = ""):
+        super().__init__(message)
+        self.kind, self.name = kind, name
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA a task merges: its name, file, sha256 (the id), A1111's short hash, weights."""
+
+    name: str
+    path: str
+    sha256: str
+    short: str
+    te: float
+    unet: float
+
+
+@dataclass(frozen=True)
+class EmbeddingUse:
+    name: str
+    path: str
+    sha256: str
+    short: str
+
+
+@dataclass(frozen=True)
+class Addons:
+    """The add-ons of one task, resolved to files."""
+
+    loras: tuple[LoraUse, ...] = ()
+    embeddings: tuple[EmbeddingUse, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.loras or self.embeddings)
+
+    def id_data(self) -> list:
+        """What the task id adds: contents and weights (a LoRA's name does not change pixels; an
+        embedding's does, since the name is what triggers it)."""
+        return [["lora", u.sha256, u.te, u.unet] for u in self.loras] + [
+            ["embedding", u.name, u.sha256] for u in self.embeddings
+        ]
+
+    def record(self) -> dict[str, Any]:
+        """Our manifest line and PNG chunk: each add-on's name, full sha256 and weights."""
+        out: dict[str, Any] = {}
+        if self.loras:
+            out["loras"] = [{"name": u.name, "sha256": u.sha256, "te": u.te, "unet": u.unet} for u in self.loras]
+        if self.embeddings:
+            out["embeddings"] = [{"name": u.name, "sha256": u.sha256} for u in self.embeddings]
+        return out
+
+    def a1111(self) -> dict[str, str]:
+        """A1111's `Lora hashes` and `TI hashes` (names without ':' and ',', as A1111 writes them)."""
+        out = {}
+        if self.loras:
+            out["Lora hashes"] = ", ".join(f"{_a1111_name(u.name)}: {u.short}" for u in self.loras)
+        if self.embeddings:
+            out["TI hashes"] = ", ".join(f"{_a1111_name(u.name)}: {u.short}" for u in self.embeddings)
+        return out
+
+
+def _a1111_name(name: str) -> str:
+    return name.replace(":", "").replace(",", "")
+
+
+@dataclass(frozen=True)
+class Folders:
+    """Where add-ons are looked for, in order."""
+
+    loras: tuple[Path, ...]
+    embeddings: tuple[Path, ...]
+
+    @classmethod
+    def of(cls, loras: Path | None = None, embeddings: Path | None = None) -> "Folders":
+        """The job's folders (or None) first, then the weights folders."""
+        bases = tuple(dict.fromkeys((weights_dir(), SHIPPED_WEIGHTS)))
+        return cls(
+            tuple(dict.fromkeys([*([loras] if loras else []), *(b / "loras" for b in bases)])),
+            tuple(dict.fromkeys([*([embeddings] if embeddings else []), *(b / "embeddings" for b in bases)])),
+        )
+
+
+@dataclass
+class Library:
+    """Add-on files by name, listed once per folder; resolves recipes to the add-ons they use."""
+
+    folders: Folders
+    _listed: dict[tuple[Path, tuple[str, ...]], dict[str, list[Path]]] = field(default_factory=dict)
+    _resolved: dict[Any, Any] = field(default_factory=dict)
+    _triggered: dict[str, tuple["EmbeddingUse", ...]] = field(default_factory=dict)
+
+    def _files(self, folder: Path, suffixes: tuple[str, ...]) -> dict[str, list[Path]]:
+        key = (folder, suffixes)
+        if key not in self._listed:
+            self._listed[key] = _list(folder, suffixes)
+        return self._listed[key]
+
+    def _find(self, name: str, folders: Iterable[Path], suffixes: tuple[str, ...], kind: str) -> Path:
+        looked = []
+        what = "LoRA" if kind == "lora" else kind
+        for folder in folders:
+            found = self._files(folder, suffixes).get(name, [])
+            if len(found) > 1:
+                shown = ", ".join(printable(str(p)) for p in found[:3])
+                raise AddonError(f"{what} {printable(name)!r} is ambiguous: {shown}; rename or remove one", kind, name)
+            if found:
+                return found[0]
+            looked.append(printable(str(folder)))
+        near = [n for f in folders for n in self._files(f, suffixes) if n.lower() == name.lower()]
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise AddonError(
+            f"{what} {printable(name)!r} not found{hint}; looked for {printable(name)}"
+            f"{{{','.join(suffixes)}}} in {', '.join(looked)}",
+            kind,
+            name,
+        )
+
+    def lora(self, name: str) -> Path:
+        return self._find(name, self.folders.loras, LORA_SUFFIXES, "lora")
+
+    def embedding_names(self) -> dict[str, Path | None]:
+        """Every embedding name in the folders (None for an ambiguous one: an error if triggered)."""
+        if "names" not in self._resolved:
+            names: dict[str, Path | None] = {}
+            for folder in self.folders.embeddings:
+                for name, paths in self._files(folder, EMBEDDING_SUFFIXES).items():
+                    names.setdefault(name, paths[0] if len(paths) == 1 else None)
+            self._resolved["names"] = names
+        return self._resolved["names"]
+
+    def addons(self, loras: tuple[tuple[str, float, float], ...], prompt: str, negative: str) -> Addons:
+        """The add-ons of a recipe: its LoRAs (`Recipe.loras()`), and the embeddings whose names
+        appear in its prompt or negative prompt. AddonError for a missing or ambiguous file."""
+        key = (loras, prompt, negative)
+        if key not in self._resolved:
+            uses = tuple(self._lora_use(*lora) for lora in loras)
+            self._resolved[key] = Addons(uses, self._embeddings(strip_networks(prompt) + "\n" + negative))
+        return self._resolved[key]
+
+    def _lora_use(self, name: str, te: float, unet: float) -> LoraUse:
+        path = self.lora(name)
+        return LoraUse(name, str(path), file_sha256(path), a1111_hash(path)[:SHORT], te, unet)
+
+    def _embeddings(self, text: str) -> tuple[EmbeddingUse, ...]:
+        """Embeddings that may trigger in `text`: those whose name, ignoring case and whitespace,
+        is part of it. Every token-level match (A1111's rule, applied at render) is one of these,
+        so the id covers every embedding the image can use."""
+        if text in self._triggered:
+            return self._triggered[text]
+        flat = _flat(text)
+        uses = []
+        for name, path in sorted(self.embedding_names().items()):
+            if _flat(name) and _flat(name) in flat:
+                if path is None:
+                    self._find(name, self.folders.embeddings, EMBEDDING_SUFFIXES, "embedding")  # raises: ambiguous
+                    continue
+                uses.append(EmbeddingUse(name, str(path), file_sha256(path), file_sha256(path)[:SHORT]))
+        self._triggered[text] = tuple(uses)
+        return self._triggered[text]
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def _flat(text: str) -> str:
+    return _SPACE.sub("", text.lower())
+
+
+def a1111_hash(path: str | Path) -> str:
+    """A1111's hash of a LoRA file: the addnet hash for .safetensors, else the whole file's sha256."""
+    return addnet_sha256(path) if Path(path).suffix.lower() == ".safetensors" else file_sha256(path)
+
+
+def _list(folder: Path, suffixes: tuple[str, ...]) -> dict[str, list[Path]]:
+    """stem -> files with one of `suffixes` under `folder` (hidden names skipped), sorted."""
+    found: dict[str, list[Path]] = {}
+    if not folder.is_dir():
+        return found
+    seen = 0
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            seen += 1
+            if seen > MAX_FILES:
+                raise AddonError(f"{printable(str(folder))}: more than {MAX_FILES} files; point at a smaller folder")
+            path = Path(root) / name
+            if not name.startswith(".") and path.suffix.lower() in suffixes and path.is_file():
+                found.setdefault(path.stem, []).append(path)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------
+# checking files against the model (at validate time: nothing is rendered with a bad add-on)
+
+
+@lru_cache(maxsize=4)
+def model_shapes(config: SDConfig) -> dict[str, tuple[int, ...]]:
+    """Our state-dict key -> shape for a config, from a model on the meta device (no memory)."""
+    from ..models import build_model
+
+    return {k: tuple(v.shape) for k, v in build_model(config, device="meta").state_dict().items()}
+
+
+@lru_cache(maxsize=256)
+def check_lora(path: str, sha256: str, config: SDConfig) -> str:
+    """The LoRA's format name, or AddonError saying why it cannot apply to this model. Reads the
+    header and key names only (`sha256` keys the cache: a changed file is checked again)."""
+    from .lora import read_lora
+
+    return read_lora(path, model_shapes(config), config.unet).format
+
+
+@lru_cache(maxsize=256)
+def check_embedding(path: str, sha256: str, width: int) -> int:
+    """How many vectors the embedding has, or AddonError naming why it does not fit this model."""
+    from .embeddings import check_embedding as check
+
+    return check(path, width)[0]
+
+
+def check_addons(addons: Addons, config: SDConfig) -> None:
+    """AddonError (naming the add-on) for any file that cannot apply to a model of `config`."""
+    for use, kind, check in (
+        *((u, "lora", lambda u: check_lora(u.path, u.sha256, config)) for u in addons.loras),
+        *((u, "embedding", lambda u: check_embedding(u.path, u.sha256, config.clip.width)) for u in addons.embeddings),
+    ):
+        try:
+            check(use)
+        except AddonError:
+            raise
+        except CheckpointError as e:
+            what = "LoRA" if kind == "lora" else "embedding"
+            raise AddonError(f"{what} {printable(use.name)!r}: {e}", kind, use.name) from None
