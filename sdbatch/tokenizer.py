@@ -11,16 +11,20 @@ A user with only a single-file checkpoint has no tokenizer files, so we look in 
 import contextlib
 import gzip
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import CLIPTokenizer
 
 from .checkpoints import CheckpointError, open_model, weights_dir
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .addons.embeddings import EmbeddingLookup
 
 BUNDLED_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 # (repo, file) pairs whose cached copy is the SD 1.x tokenizer; looked up in the cache, never fetched
@@ -33,6 +37,7 @@ HF_CACHE_CANDIDATES = (
 
 
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+PLACEHOLDER = 0  # the id under an embedding's vectors, as in A1111 ("!"); the text encoder's fixes replace it
 
 
 class TokenizerError(InputError):
@@ -41,10 +46,13 @@ class TokenizerError(InputError):
 
 @dataclass(frozen=True)
 class Chunk:
-    """One text-encoder pass: [BOS, tokens..., EOS padding..., EOS] and each token's emphasis weight."""
+    """One text-encoder pass: [BOS, tokens..., EOS padding..., EOS], each token's emphasis weight, and
+    the embeddings in it: (position in `ids`, vectors [n, width]) whose vectors replace the token
+    embeddings of ids[position : position + n] (A1111's PromptChunk.fixes, here counting the BOS)."""
 
     ids: list[int]
     weights: list[float]
+    fixes: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -73,30 +81,50 @@ class Tokenizer:
         return self.hf.get_vocab().get(",</w>")
 
     def chunks(
-        self, pieces: Iterable[tuple[str, float]], length: int = 75, backtrack: int = COMMA_BACKTRACK
+        self,
+        pieces: Iterable[tuple[str, float]],
+        length: int = 75,
+        backtrack: int = COMMA_BACKTRACK,
+        embeddings: "EmbeddingLookup | None" = None,
     ) -> list[Chunk]:
         """Weighted text pieces (`prompts.parse_attention`'s output) cut into chunks of `length`
         tokens as A1111's `tokenize_line` does, so that long prompts condition the same way:
         each piece is tokenized on its own; when a chunk is full and its last comma is at most
         `backtrack` tokens back, the words after that comma move to the next chunk rather than
         being split from their phrase; a ("BREAK", -1) piece ends a chunk; an empty prompt is one
-        chunk. Padding is the end token (SD 1.x's pad token) with weight 1."""
+        chunk. Padding is the end token (SD 1.x's pad token) with weight 1.
+
+        Where an embedding's name (found in `embeddings`) appears in a piece's tokens, its n vectors
+        take n positions with the piece's weight, in one chunk: a new chunk starts if they do not fit.
+        As in A1111, the comma backtrack moves those positions to the next chunk but leaves the
+        embedding's fix behind: its vectors stay where they were, over the old chunk's padding, and
+        the moved positions keep the placeholder id. A1111's images are made that way."""
         done: list[Chunk] = []
         ids: list[int] = []
         weights: list[float] = []
+        fixes: list[tuple[int, torch.Tensor]] = []  # positions counted without the BOS
         last_comma = -1
 
         def close() -> None:
-            nonlocal ids, weights, last_comma
+            nonlocal ids, weights, fixes, last_comma
             pad = length - len(ids)
-            done.append(Chunk([self.bos, *ids, *[self.eos] * pad, self.eos], [1.0, *weights, *[1.0] * pad, 1.0]))
-            ids, weights, last_comma = [], [], -1
+            done.append(
+                Chunk(
+                    [self.bos, *ids, *[self.eos] * pad, self.eos],
+                    [1.0, *weights, *[1.0] * pad, 1.0],
+                    [(1 + at, vectors) for at, vectors in fixes],
+                )
+            )
+            ids, weights, fixes, last_comma = [], [], [], -1
 
         for text, weight in pieces:
             if text == "BREAK" and weight == -1:
                 close()
                 continue
-            for token in self.tokens(text):
+            tokens = self.tokens(text)
+            position = 0
+            while position < len(tokens):
+                token = tokens[position]
                 if token == self.comma:
                     last_comma = len(ids)
                 elif backtrack and len(ids) == length and last_comma != -1 and length - last_comma <= backtrack:
@@ -107,8 +135,23 @@ class Tokenizer:
                     ids, weights = moved
                 if len(ids) == length:
                     close()
-                ids.append(token)
-                weights.append(weight)
+                match = embeddings.find(tokens, position) if embeddings is not None else None
+                if match is None:
+                    ids.append(token)
+                    weights.append(weight)
+                    position += 1
+                    continue
+                n = len(match.vectors)
+                if n > length:
+                    raise ValueError(
+                        f"embedding {match.name!r} has {n} vectors, more than the {length} of a prompt chunk"
+                    )
+                if len(ids) + n > length:
+                    close()
+                fixes.append((len(ids), match.vectors))
+                ids += [PLACEHOLDER] * n
+                weights += [weight] * n
+                position += match.length
         if ids or not done:
             close()
         return done

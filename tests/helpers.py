@@ -8,6 +8,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -102,6 +103,8 @@ def diffusers_scheduler(name: str, karras: bool, steps: int | None = None):
         sched = EulerDiscreteScheduler(**BETAS, use_karras_sigmas=karras)
     elif name == "euler_a":
         sched = EulerAncestralDiscreteScheduler(**BETAS)
+    elif name == "lcm":
+        sched = LCMScheduler(**BETAS)
     else:
         sched = DPMSolverMultistepScheduler(
             **BETAS, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=karras

@@ -63,7 +63,7 @@ def content(chunk_ids: list[int]) -> list[int]:
 
 
 def chunked(text: str) -> list[list[int]]:
-    ids, _ = ours().prompt_chunks(text)
+    ids, _, _ = ours().prompt_chunks(text)
     return [content(row) for row in ids.tolist()]
 
 
@@ -120,7 +120,7 @@ def test_break_ends_a_chunk():
 
 
 def test_empty_prompt_is_one_padded_chunk():
-    ids, weights = ours().prompt_chunks("")
+    ids, weights, _ = ours().prompt_chunks("")
     assert ids.tolist() == [[BOS] + [EOS] * 76]
     assert weights.tolist() == [[1.0] * 77]
 
@@ -128,7 +128,7 @@ def test_empty_prompt_is_one_padded_chunk():
 def test_doctest_prompt_tokens_and_weights():
     """Each parsed piece is tokenized on its own (A1111 tokenizes the pieces as a batch) and every
     token carries its piece's weight; start, end and padding carry 1."""
-    ids, weights = ours().prompt_chunks(DOCTEST)
+    ids, weights, _ = ours().prompt_chunks(DOCTEST)
     expected_ids, expected_weights = [], []
     for text, weight in DOCTEST_PIECES:
         tokens = TOK.tokens(text)
@@ -145,7 +145,7 @@ def test_doctest_prompt_tokens_and_weights():
 
 def test_weights_move_with_their_tokens():
     text = words("cat", 70) + ", (dog:1.5) " + words("dog", 9)
-    ids, weights = ours().prompt_chunks(text)
+    ids, weights, _ = ours().prompt_chunks(text)
     assert [content(row) for row in ids.tolist()] == [[CAT] * 70 + [COMMA], [DOG] * 10]
     assert weights[1, :12].tolist() == [1.0, 1.5] + [1.0] * 10
     assert (weights[0] == 1).all()
@@ -167,7 +167,7 @@ def reference(model, text: str, mode: str, clip_skip: int = 1) -> torch.Tensor:
         out = twin(input_ids=ids[None], output_hidden_states=True)
         return out.last_hidden_state if clip_skip == 1 else final_norm(out.hidden_states[-clip_skip])
 
-    ids, weights = ours(model).prompt_chunks(text)
+    ids, weights, _ = ours(model).prompt_chunks(text)
     with torch.no_grad():
         empty = clip(torch.tensor([BOS] + [EOS] * 76))
         zs = []
@@ -307,7 +307,7 @@ def test_recipe_emphasis_and_clip_skip_reach_the_encoder():
     for mode, skip in (("original", 1), ("none", 1), ("comfy", 2)):
         recipe = Recipe(prompt=text, negative=negative, emphasis=mode, clip_skip=skip, **fields)
         latents[mode] = pipe.render([Request(recipe)])[0].latents
-        assert (text, mode, skip) in pipe._prompts and (negative, mode, skip) in pipe._prompts
+        assert (text, mode, skip, ()) in pipe._prompts and (negative, mode, skip, ()) in pipe._prompts
     assert not torch.equal(latents["original"], latents["none"])
     assert not torch.equal(latents["original"], latents["comfy"])
 

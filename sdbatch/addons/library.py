@@ -248,18 +248,20 @@ def check_lora(path: str, sha256: str, config: SDConfig) -> str:
 
 
 @lru_cache(maxsize=256)
-def check_embedding(path: str, sha256: str, width: int) -> int:
-    """How many vectors the embedding has, or AddonError naming why it does not fit this model."""
+def check_embedding(path: str, sha256: str, width: int, chunk: int) -> int:
+    """How many vectors the embedding has, or AddonError naming why it does not fit this model
+    (its width, or more vectors than one `chunk` of the text encoder holds)."""
     from .embeddings import check_embedding as check
 
-    return check(path, width)[0]
+    return check(path, width, chunk)[0]
 
 
 def check_addons(addons: Addons, config: SDConfig) -> None:
     """AddonError (naming the add-on) for any file that cannot apply to a model of `config`."""
+    chunk = config.clip.max_positions - 2
     for use, kind, check in (
         *((u, "lora", lambda u: check_lora(u.path, u.sha256, config)) for u in addons.loras),
-        *((u, "embedding", lambda u: check_embedding(u.path, u.sha256, config.clip.width)) for u in addons.embeddings),
+        *((u, "embedding", lambda u: check_embedding(u.path, u.sha256, config.clip.width, chunk)) for u in addons.embeddings),
     ):
         try:
             check(use)

@@ -51,6 +51,29 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+# per batch row: (position, vectors [n, width]) whose vectors replace the token embeddings from position on
+Fixes = list[list[tuple[int, torch.Tensor]]]
+
+
+def _apply_fixes(x: torch.Tensor, fixes: Fixes) -> torch.Tensor:
+    """Token embeddings with textual-inversion vectors written over them (A1111's EmbeddingsWithFixes).
+    A fix may not touch the first (BOS) or last position: those frame the chunk."""
+    if len(fixes) != x.shape[0]:
+        raise ValueError(f"fixes for {len(fixes)} rows, but the batch has {x.shape[0]}")
+    if not any(fixes):
+        return x
+    x = x.clone()
+    for row, row_fixes in enumerate(fixes):
+        for position, vectors in row_fixes:
+            n = vectors.shape[0]
+            if vectors.ndim != 2 or vectors.shape[1] != x.shape[2]:
+                raise ValueError(f"a fix of shape {list(vectors.shape)} in a text encoder {x.shape[2]} wide")
+            if not 1 <= position <= x.shape[1] - 1 - n:
+                raise ValueError(f"a fix of {n} vectors at position {position} does not fit in {x.shape[1]} tokens")
+            x[row, position : position + n] = vectors.to(x)
+    return x
+
+
 class CLIPTextTransformer(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -61,13 +84,15 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = namespace(layers=nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers)))
         self.final_layer_norm = nn.LayerNorm(cfg.width)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1, fixes: Fixes | None = None) -> torch.Tensor:
         # positions come from a slice, not a `position_ids` buffer: merged checkpoints often carry a
         # corrupted float copy of that buffer, and a buffer-free model loads straight from meta.
         layers = len(self.encoder.layers)
         if not 1 <= clip_skip <= layers:
             raise ValueError(f"clip skip {clip_skip}: this text encoder has {layers} layers (1 to {layers} allowed)")
         x = self.embeddings.token_embedding(input_ids)
+        if fixes is not None:
+            x = _apply_fixes(x, fixes)
         x = x + self.embeddings.position_embedding.weight[: input_ids.shape[1]]
         for layer in self.encoder.layers[: layers - (clip_skip - 1)]:
             x = layer(x)
@@ -87,5 +112,8 @@ class CLIPTextEncoder(nn.Module):
         self.config = cfg
         self.transformer = namespace(text_model=CLIPTextTransformer(cfg))
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        return self.transformer.text_model(input_ids, clip_skip)
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1, fixes: Fixes | None = None) -> torch.Tensor:
+        """`fixes`, one list per row (`Chunk.fixes`), puts textual-inversion vectors in place of the
+        token embeddings at their positions, before the position embeddings are added: the prompt's
+        placeholder ids stand for vectors that are in no vocabulary."""
+        return self.transformer.text_model(input_ids, clip_skip, fixes)

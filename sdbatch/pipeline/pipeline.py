@@ -279,8 +279,9 @@ class Pipeline:
         if not embeddings:
             return None
         if embeddings not in self._lookups:
-            width = self.model.config.clip.width
-            vectors = {u.name: self._addon_file(u, lambda p: read_embedding(p, width)).vectors for u in embeddings}
+            width, chunk = self.model.config.clip.width, self.model.config.clip.max_positions - 2
+            read = lambda p: read_embedding(p, width, chunk)  # noqa: E731
+            vectors = {u.name: self._addon_file(u, read).vectors for u in embeddings}
             self._lookups[embeddings] = EmbeddingLookup(vectors, self.tokenizer.tokens)
         return self._lookups[embeddings]
 

@@ -56,6 +56,7 @@ SAMPLERS: dict[str, Sampler] = {
             aliases=("euler_ancestral", "euler ancestral", "k_euler_a"),
         ),
         Sampler("dpmpp_2m", "DPM++ 2M", ancestral=False, karras=True, aliases=("dpm++_2m", "dpmpp2m", "k_dpmpp_2m")),
+        Sampler("lcm", "LCM", ancestral=True, karras=False, aliases=("k_lcm",)),
     )
 }
 KARRAS = [name for name, s in SAMPLERS.items() if s.karras]
