@@ -134,14 +134,23 @@ def _a1111_hashes(image: Path, meta: dict[str, Any]) -> dict[str, dict[str, str]
     return out
 
 
+def _recorded_folders(listed: Any) -> list[Path]:
+    """The folders an image's add-ons were in when it was made (looked in first by rerun)."""
+    paths = [e.get("path") for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
+    return list(dict.fromkeys(Path(p).parent for p in paths if isinstance(p, str) and p))
+
+
 def find_addons(recipe: Recipe, recorded: Any, a1111: dict[str, dict[str, str]], shown: str, ours: bool) -> Addons:
     """The recipe's LoRAs and embeddings, found by name in the add-on folders, and checked against
     what the image records: our chunk's full sha256 of each (`ours`: it lists every add-on used,
     so one found now that it does not list would change the picture), or A1111's short hashes. A
     file that is missing or is not the one the image was made with is refused, never used instead."""
-    addons = Library(Folders.of()).addons(recipe.loras(), recipe.prompt, recipe.negative)
     if not isinstance(recorded, dict):
         raise InputError(f"{shown}: its sdbatch metadata is damaged (addons is not an object)")
+    folders = {kind: _recorded_folders(recorded.get(kind)) for kind in ("loras", "embeddings")}
+    addons = Library(Folders.of(folders["loras"], folders["embeddings"])).addons(
+        recipe.loras(), recipe.prompt, recipe.negative
+    )
     for kind, uses in (("lora", addons.loras), ("embedding", addons.embeddings)):
         what = "LoRA" if kind == "lora" else "embedding"
         listed = recorded.get("loras" if kind == "lora" else "embeddings", [])

@@ -25,11 +25,13 @@ from sdbatch.runner import Options, Reporter, run_job
 # For each field: the YAML that sets it to something other than its default (with what the value
 # needs to be valid), and the value the recipe must then hold. A new field without an entry fails.
 IMAGE, MASK = "init.png", "mask.png"
+REPO = Path(__file__).resolve().parent.parent
 CASES = {
     "prompt": ({"prompt": "a red circle, (detail)"}, "a red circle, (detail)"),
     "negative": ({"negative": "blurry, dark"}, "blurry, dark"),
     "emphasis": ({"emphasis": "No norm"}, "no-norm"),  # A1111's own name accepted
     "clip_skip": ({"clip_skip": 2}, 2),
+    "lora": ({"lora": {"demo-warp": 0.5}, "lora_folder": str(REPO / "jobs" / "loras")}, (("demo-warp", 0.5, 0.5),)),
     "init_image": ({"init_image": IMAGE, "strength": 0.5}, IMAGE),
     "mask": ({"init_image": IMAGE, "mask": MASK, "strength": 0.5}, MASK),
     "size": ({"size": [40, 24]}, (40, 24)),
@@ -113,9 +115,9 @@ def test_rerun_applies_the_job_file_limits_to_a1111_text():
 def test_a1111_fields_sdbatch_cannot_reproduce_are_refused_by_name():
     text = (
         "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Clip skip: 2, "
-        'Lora hashes: "add_detail: 0123456789ab", Hires upscale: 2'
+        'Lora hashes: "add_detail: 0123456789ab", Hires upscale: 2, Hires steps: 10'
     )
-    with pytest.raises(RecipeError, match="cannot reproduce these A1111 fields yet: Lora hashes, Hires upscale"):
+    with pytest.raises(RecipeError, match="cannot reproduce these A1111 fields yet: Hires upscale, Hires steps"):
         Recipe.from_a1111(text)
 
 

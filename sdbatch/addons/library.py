@@ -13,9 +13,9 @@ Torch-free, except `check_lora`, which builds the model's shapes on the meta dev
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +78,15 @@ class Addons:
         ]
 
     def record(self) -> dict[str, Any]:
-        """Our manifest line and PNG chunk: each add-on's name, full sha256 and weights."""
+        """Our manifest line and PNG chunk: each add-on's name, full sha256, weights and where it
+        was (`rerun` looks there first, then in the add-on folders by name)."""
         out: dict[str, Any] = {}
         if self.loras:
-            out["loras"] = [{"name": u.name, "sha256": u.sha256, "te": u.te, "unet": u.unet} for u in self.loras]
+            out["loras"] = [
+                {"name": u.name, "sha256": u.sha256, "te": u.te, "unet": u.unet, "path": u.path} for u in self.loras
+            ]
         if self.embeddings:
-            out["embeddings"] = [{"name": u.name, "sha256": u.sha256} for u in self.embeddings]
+            out["embeddings"] = [{"name": u.name, "sha256": u.sha256, "path": u.path} for u in self.embeddings]
         return out
 
     def a1111(self) -> dict[str, str]:
@@ -100,6 +103,9 @@ def _a1111_name(name: str) -> str:
     return name.replace(":", "").replace(",", "")
 
 
+Given = Path | Iterable[Path] | None  # folders a job or an image names
+
+
 @dataclass(frozen=True)
 class Folders:
     """Where add-ons are looked for, in order."""
@@ -108,12 +114,16 @@ class Folders:
     embeddings: tuple[Path, ...]
 
     @classmethod
-    def of(cls, loras: Path | None = None, embeddings: Path | None = None) -> "Folders":
-        """The job's folders (or None) first, then the weights folders."""
+    def of(cls, loras: "Given" = None, embeddings: "Given" = None) -> "Folders":
+        """The job's folders (None, one or several) first, then the weights folders."""
         bases = tuple(dict.fromkeys((weights_dir(), SHIPPED_WEIGHTS)))
+
+        def first(given: Given) -> list[Path]:
+            return [] if given is None else [given] if isinstance(given, Path) else list(given)
+
         return cls(
-            tuple(dict.fromkeys([*([loras] if loras else []), *(b / "loras" for b in bases)])),
-            tuple(dict.fromkeys([*([embeddings] if embeddings else []), *(b / "embeddings" for b in bases)])),
+            tuple(dict.fromkeys([*first(loras), *(b / "loras" for b in bases)])),
+            tuple(dict.fromkeys([*first(embeddings), *(b / "embeddings" for b in bases)])),
         )
 
 
@@ -259,14 +269,16 @@ def check_embedding(path: str, sha256: str, width: int, chunk: int) -> int:
 def check_addons(addons: Addons, config: SDConfig) -> None:
     """AddonError (naming the add-on) for any file that cannot apply to a model of `config`."""
     chunk = config.clip.max_positions - 2
-    for use, kind, check in (
-        *((u, "lora", lambda u: check_lora(u.path, u.sha256, config)) for u in addons.loras),
-        *((u, "embedding", lambda u: check_embedding(u.path, u.sha256, config.clip.width, chunk)) for u in addons.embeddings),
-    ):
+    checks: list[tuple[LoraUse | EmbeddingUse, Callable[[], object]]] = [
+        *((u, partial(check_lora, u.path, u.sha256, config)) for u in addons.loras),
+        *((u, partial(check_embedding, u.path, u.sha256, config.clip.width, chunk)) for u in addons.embeddings),
+    ]
+    for use, check in checks:
         try:
-            check(use)
+            check()
         except AddonError:
             raise
         except CheckpointError as e:
+            kind = "lora" if isinstance(use, LoraUse) else "embedding"
             what = "LoRA" if kind == "lora" else "embedding"
             raise AddonError(f"{what} {printable(use.name)!r}: {e}", kind, use.name) from None
