@@ -179,6 +179,7 @@ def _explain_prompts(p, show: int) -> list[str]:
     switches, each part's weighted runs, and the tokens of each 75-token chunk (the tokenizer,
     not the model, is loaded)."""
     from .prompts import explain, parse_attention, prompt_schedule
+    from .prompts.networks import lora_label, strip_networks
     from .tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(p.model.path, vocab_size=p.model.config.clip.vocab_size)
@@ -192,6 +193,12 @@ def _explain_prompts(p, show: int) -> list[str]:
                 continue
             seen.add((text, r.steps, r.emphasis))
             lines.append(f"{label} {text!r} ({r.steps} steps, emphasis {r.emphasis}, clip skip {r.clip_skip}):")
+            if label == "prompt":
+                if t.addons.loras:
+                    lines.append(f"  LoRAs merged: {lora_label([(u.name, u.te, u.unet) for u in t.addons.loras])}")
+                text = strip_networks(text)  # what CLIP sees: A1111 takes the tags out first
+            if names := [u.name for u in t.addons.embeddings]:
+                lines.append(f"  embeddings that may apply (by name): {', '.join(names)}")
             lines.extend(f"  {line}" for line in explain(text, r.steps, negative=label == "negative"))
             for end, part in prompt_schedule(text, r.steps):
                 pieces = [(part, 1.0)] if r.emphasis == "none" else parse_attention(part)

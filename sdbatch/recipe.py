@@ -95,6 +95,9 @@ class Recipe:
                 yield f.name, message
         if self.karras and self.sampler in SAMPLERS and not SAMPLERS[self.sampler].karras:
             yield "karras", f"karras does not apply to {self.sampler} (fixed timesteps)"
+        limit = SAMPLERS[self.sampler].max_steps if self.sampler in SAMPLERS else 1000
+        if isinstance(self.steps, int) and self.steps > limit:
+            yield "steps", f"{self.sampler} takes at most {limit} steps (its timestep grid), got {self.steps}"
         for name in ("prompt", "negative"):
             text = getattr(self, name)
             if isinstance(text, str) and (message := _prompt_problem(text, self.steps, name == "negative")):

@@ -5,6 +5,7 @@ older diffusers attention processors write them, never from sdbatch's rules: rea
 those rules. Each writer returns the tensors it wrote, so that tests can work the updates out on their own.
 """
 
+import functools
 import re
 from pathlib import Path
 
@@ -19,18 +20,20 @@ UNET_LAYERS = re.compile(r".*(to_[qkv]|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|pro
 TE_LAYERS = re.compile(r".*([qkv]_proj|out_proj|fc[12])$")
 
 
+@functools.cache
 def unet_layers(cfg: SDConfig, conv: bool = True) -> dict[str, tuple[int, ...]]:
     """diffusers module name -> weight shape of the UNet layers a LoRA (with conv: a LoCon) changes."""
     with torch.device("meta"):
         unet = diffusers_unet(cfg)
     found = {}
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and UNET_LAYERS.fullmatch(name):
-            if conv or not (isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)):
-                found[name] = tuple(module.weight.shape)
+        wanted = isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and UNET_LAYERS.fullmatch(name)
+        if wanted and (conv or getattr(module, "kernel_size", (1, 1)) == (1, 1)):
+            found[name] = tuple(module.weight.shape)
     return found
 
 
+@functools.cache
 def te_layers(cfg: SDConfig) -> dict[str, tuple[int, ...]]:
     """`text_model.encoder.layers.0.self_attn.q_proj` (transformers 4 spelling, as kohya writes) -> shape."""
     with torch.device("meta"):

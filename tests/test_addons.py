@@ -115,13 +115,11 @@ def test_each_lora_set_is_merged_once_per_job_whatever_the_order_of_runs(addons,
         return real(self, loras)
 
     monkeypatch.setattr(merge.Merger, "_merge", counting)
-    runs = "".join(
-        f"  - prompt: {PROMPT}\n    lora: {{demo-warp: {w}}}\n" for w in (0.3, 0.9, 0.3, 0.9, 0.3)
-    )
+    runs = "".join(f"  - prompt: {PROMPT}\n    lora: {{demo-warp: {w}}}\n" for w in (0.3, 0.9, 0.3, 0.9, 0.3))
     job = write_job(addons, f"defaults: {{steps: 2, seed: 1-3}}\nruns:\n{runs}")
     entries = render(job, batch_size=1)
     assert len(entries) == 6  # runs 2-4 repeat runs 0-1: the same tasks, merged
-    assert [w for (_, w, _), in merges] == [0.3, 0.9], merges
+    assert [w for ((_, w, _),) in merges] == [0.3, 0.9], merges
 
 
 def test_task_ids_follow_the_lora_file_contents_and_weights(addons):
@@ -182,7 +180,7 @@ def test_rerun_of_an_a1111_infotext_checks_lora_hashes(addons, monkeypatch):
 
     image = addons / "a1111.png"
     image.write_bytes(png_bytes(Image.new("RGB", (32, 32)), {"parameters": infotext}))
-    with pytest.raises(Exception, match="has A1111 hash|not the file the image was made with"):
+    with pytest.raises(Exception, match="not the file the image was made with"):
         rerun_image(image, addons / "out", model="demo", device="cpu")
     image.write_bytes(
         png_bytes(Image.new("RGB", (32, 32)), {"parameters": infotext.replace("0123456789ab", addnet_hash(LORA)[:12])})
@@ -224,7 +222,11 @@ def test_bad_lora_files_are_refused_with_the_line_that_names_them(addons, how, m
     monkeypatch.chdir(addons)
     cases = _bad_loras(addons / "loras")
     for name, message in cases.items():
-        body = f"steps: 2\nprompt: {PROMPT}\nlora: {{{name}: 1}}\n" if how == "key" else f"prompt: {PROMPT} <lora:{name}:1>\n"
+        body = (
+            f"steps: 2\nprompt: {PROMPT}\nlora: {{{name}: 1}}\n"
+            if how == "key"
+            else f"prompt: {PROMPT} <lora:{name}:1>\n"
+        )
         job = write_job(addons, body)
         with pytest.raises(JobError) as e:
             plan_job(load_job(job))

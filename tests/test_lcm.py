@@ -1,12 +1,18 @@
 """The lcm sampler against diffusers' LCMScheduler: step by step on the test denoiser of
-test_samplers (which makes solver mistakes visible), and through the whole pipeline."""
+test_samplers (which makes solver mistakes visible), and through the whole pipeline (txt2img,
+img2img, inpainting)."""
 
 import numpy as np
 import pytest
 import torch
-from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    LCMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
 from helpers import BETAS, max_diff, request
-from test_pipeline import PROMPTS, SEEDS, H, W, assert_close, gens, gradient_image, ours, pixels, theirs
+from test_pipeline import PROMPTS, SEEDS, H, W, assert_close, gens, gradient_image, half_mask, ours, pixels, theirs
 from test_samplers import SEEDS as ROWS
 from test_samplers import draw, unet_and_context  # noqa: F401 (a fixture)
 
@@ -128,7 +134,7 @@ def test_a1111_name_is_lcm():
 
 
 # ----------------------------------------------------------------------------------------------------
-# the whole pipeline, against StableDiffusionPipeline / StableDiffusionImg2ImgPipeline with LCMScheduler
+# the whole pipeline, against diffusers' SD pipelines (txt2img, img2img, inpaint) with LCMScheduler
 
 
 @pytest.mark.parametrize("cfg", [1.0, 1.5])
@@ -163,3 +169,37 @@ def test_img2img_matches_diffusers():
         output_type="np",
     ).images
     assert_close(mine, ref * 255)
+
+
+@pytest.mark.parametrize(("config", "strength"), [("tiny", 0.5), ("tiny-inpainting", 1.0)])
+def test_inpaint_matches_diffusers(config, strength):
+    pipe = ours(config)
+    inits = [gradient_image(s) for s in SEEDS]
+    masks = [half_mask(left=bool(k % 2)) for k in range(len(SEEDS))]
+    requests = [
+        request(p, seed=s, steps=8, sampler="lcm", cfg=1.5, width=W, height=H, init_image=i, mask=m, strength=strength)
+        for p, s, i, m in zip(PROMPTS, SEEDS, inits, masks, strict=True)
+    ]
+    mine = pixels([r.image for r in pipe.render(requests)])
+    ref = theirs(StableDiffusionInpaintPipeline, pipe, "lcm")(
+        prompt=PROMPTS,
+        image=inits,
+        mask_image=masks,
+        strength=strength,
+        num_inference_steps=8,
+        guidance_scale=1.5,
+        generator=gens(),
+        height=H,
+        width=W,
+        output_type="np",
+    ).images
+    assert_close(mine, ref * 255)
+
+
+def test_a_job_with_more_lcm_steps_than_its_grid_is_refused_at_validate_time(tmp_path):
+    from sdbatch.jobs import JobError, load_job
+
+    job = tmp_path / "job.yaml"
+    job.write_text("prompt: a red circle\nsampler: LCM\nsteps: [8, 60]\n")
+    with pytest.raises(JobError, match=r"job.yaml:3: steps: lcm takes at most 50 steps"):
+        load_job(job).check(32, 1.0)

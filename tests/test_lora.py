@@ -1,6 +1,7 @@
 """LoRA / LyCORIS files merged into our model: against diffusers + peft where they load the format, against
 the formulas (written out here, apart from sdbatch's code) where they do not; exact restoration; refusals."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -141,47 +142,71 @@ def test_peft_lora_matches_diffusers(tmp_path):
     merged_like_diffusers(path, te=0.9, unet=0.7, label="PEFT LoRA")
 
 
+def test_peft_names_without_component_prefix(tmp_path):
+    """PEFT keys as peft itself saves them (`base_model.model.<path>`) or bare paths read alike."""
+    from safetensors import safe_open
+
+    model = make_tiny()
+    path = peft_lora(tmp_path / "peft.safetensors", model.config)
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    renamed = {
+        k.replace("unet.", "base_model.model.", 1) if k.startswith("unet.") else k.removeprefix("text_encoder."): v
+        for k, v in tensors.items()
+    }
+    other = save(tmp_path / "bare.safetensors", renamed, metadata)
+    results = []
+    for file in (path, other):
+        copy = make_tiny()
+        Merger(copy).apply([(read(file, copy), 0.5, 1.5)])
+        results.append(copy.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
 # ----------------------------------------------------------------------------------------------------
 # against the formulas, worked out here from the tensors each writer returns
 
 
-def merged_deltas(model, path: Path, te: float, unet: float) -> dict[str, torch.Tensor]:
-    """What merging did to each weight, by diffusers/transformers name (`unet.<path>`, `te.<path>`)."""
-    before = to_diffusers(snapshot(model), model.config)
+def merged_deltas(model, path: Path, te: float, unet: float) -> tuple[dict, dict]:
+    """The weights before merging and what merging did to them, by diffusers/transformers name
+    (`unet.<path>`, `te.text_model.<path>`)."""
+
+    def named(state: dict) -> dict[str, torch.Tensor]:
+        parts = to_diffusers(state, model.config)
+        return {
+            f"{'te' if part == 'text_encoder' else part}.{key.removesuffix('.weight')}": value
+            for part in ("unet", "text_encoder")
+            for key, value in parts[part].items()
+            if key.endswith(".weight")
+        }
+
+    before = named(snapshot(model))
     Merger(model).apply([(read(path, model), te, unet)])
-    after = to_diffusers(model.state_dict(), model.config)
-    return {
-        f"{'te' if part == 'text_encoder' else part}.{key.removesuffix('.weight')}": after[part][key]
-        - before[part][key]
-        for part in ("unet", "text_encoder")
-        for key in before[part]
-        if key.endswith(".weight")
-    }
+    return before, {k: v - before[k] for k, v in named(model.state_dict()).items()}
 
 
-def layer(kohya_name: str) -> str:
+@functools.cache
+def kohya_to_diffusers() -> dict[str, str]:
     """`lora_unet_down_blocks_0_..._to_q` -> `unet.down_blocks.0....to_q`, through diffusers' own names."""
-    for n in unet_layers(CFG) | te_layers(CFG):
-        for prefix, short in (("lora_unet_", "unet."), ("lora_te_", "te.")):
-            if kohya_name == prefix + n.replace(".", "_"):
-                return short + n
-    raise KeyError(kohya_name)
+    names = {"lora_unet_" + n.replace(".", "_"): "unet." + n for n in unet_layers(CFG)}
+    return names | {"lora_te_" + n.replace(".", "_"): "te." + n for n in te_layers(CFG)}
 
 
 def check_formula(model, path: Path, written: dict, update, te: float = 0.8, unet: float = 0.6) -> int:
     """Every layer in the file changed by multiplier * update(its tensors, weight shape); others not at all."""
-    weights = {f"unet.{k.removesuffix('.weight')}": v for k, v in carried(model, "unet").state_dict().items()}
     names = {key.split(".")[0] for key in written}
-    deltas = merged_deltas(model, path, te, unet)
+    targets = {kohya_to_diffusers()[name] for name in names}
+    weights, deltas = merged_deltas(model, path, te, unet)
     worst = 0.0
     for name in names:
-        target = layer(name)
+        target = kohya_to_diffusers()[name]
         t = {key.split(".", 1)[1]: v.float() for key, v in written.items() if key.split(".")[0] == name}
         multiplier = te if target.startswith("te.") else unet
-        want = multiplier * update(t, deltas[target].shape, weights.get(target))
+        want = multiplier * update(t, deltas[target].shape, weights[target])
         worst = max(worst, max_diff(deltas[target], want))
         assert max_diff(deltas[target], want) <= FORMULA_TOL, target
-    untouched = [k for k, d in deltas.items() if k not in {layer(n) for n in names} and d.abs().max() > 0]
+    REPORT.append(f"{path.stem}: {len(names)} layers against the formula, worst {worst:.2e}")
+    untouched = [k for k, d in deltas.items() if k not in targets and d.abs().max() > 0]
     assert not untouched
     return len(names)
 
@@ -274,13 +299,11 @@ def dora_out(t, shape, weight):
 def test_dora_matches_formula(tmp_path, side, formula):
     model = make_tiny()
     path = tmp_path / "dora.safetensors"
-    written = dora(path, kohya_layers(model.config, conv=False), side=side)
+    written = dora(path, kohya_layers(model.config), side=side)
     lora = read(path, model)
     assert lora.format == "DoRA"
-    # the formula needs the weight: only the UNet's (compared by diffusers name) to keep it short
-    unet_only = {k: v for k, v in written.items() if k.startswith("lora_unet_")}
-    save(path, unet_only)
-    assert check_formula(model, path, unet_only, formula) > 10
+    assert {p.dora for p in lora.patches.values()} == {side}
+    assert check_formula(model, path, written, formula) > 20
 
 
 def test_processor_names_match_formula(tmp_path):
@@ -325,13 +348,16 @@ def test_ldm_names_and_pickles_read_alike(tmp_path):
     give the same merge as the diffusers-named .safetensors."""
     model = make_tiny()
     written = kohya_lora(tmp_path / "a.safetensors", kohya_layers(model.config), seed=4)
-    renames = {"lora_unet_down_blocks_0_attentions_0_": "lora_unet_input_blocks_1_1_", "resnets_1_conv1": "x"}
-    ldm = {}
-    for key, value in written.items():
-        for old, new in renames.items():
-            key = key.replace(old, new) if new != "x" else key
-        ldm[key] = value
-    assert any(k.startswith("lora_unet_input_blocks_1_1_") for k in ldm)
+    renames = {  # LDM paths written by hand: level 0 has attention, level 1 not (tiny config)
+        "lora_unet_down_blocks_0_attentions_0_": "lora_unet_input_blocks_1_1_",
+        "lora_unet_down_blocks_0_resnets_1_conv1.": "lora_unet_input_blocks_2_0_in_layers_2.",
+        "lora_unet_up_blocks_1_attentions_2_": "lora_unet_output_blocks_5_1_",
+        "lora_unet_mid_block_resnets_1_time_emb_proj.": "lora_unet_middle_block_2_emb_layers_1.",
+    }
+    ldm = dict(written)
+    for old, new in renames.items():
+        ldm = {k.replace(old, new): v for k, v in ldm.items()}
+        assert any(k.startswith(new) for k in ldm), new
     results = []
     for path in (tmp_path / "a.safetensors", save(tmp_path / "b.safetensors", ldm), save(tmp_path / "c.pt", written)):
         copy = make_tiny()
@@ -415,6 +441,28 @@ def test_same_set_is_not_merged_again(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="merged again"):
         merger.apply([(another, 1.0, 0.5)])
     assert merger.applied == ()  # a failed merge leaves the originals, not half a merge
+
+
+def test_restore_finds_weights_by_name(tmp_path):
+    """Low-VRAM mode moves modules between devices, which may give them new Parameter objects:
+    restore writes into whatever the model holds under each name at that time."""
+    model = make_tiny()
+    original = snapshot(model)
+    merger = Merger(model)
+    merger.apply([(kohya_file(tmp_path / "a.safetensors", model), 1.0, 1.0)])
+    attention = model.unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q
+    attention.weight = torch.nn.Parameter(attention.weight.detach().clone(), requires_grad=False)
+    merger.restore()
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+
+
+def test_bundled_embeddings_are_skipped_and_said(tmp_path):
+    model = make_tiny()
+    written = kohya_lora(tmp_path / "a.safetensors", kohya_layers(model.config, conv=False))
+    written["bundle_emb.mycat.string_to_param.*"] = torch.zeros(2, 32)
+    lora = read(save(tmp_path / "a.safetensors", written), model)
+    assert lora.skipped == ("bundle_emb.mycat.string_to_param.*",)
+    assert lora.format == "kohya LoRA"
 
 
 def test_merge_sums_two_loras(tmp_path):
@@ -525,10 +573,13 @@ def test_refuses_files_that_are_no_lora(tmp_path):
     model = make_tiny()
     checkpoint = save(tmp_path / "model.safetensors", dict(model.state_dict()))
     refused(checkpoint, model, "not a LoRA", "SD 1.x checkpoint")
-    oft = {"lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks": torch.zeros(4, 8, 8)}
-    refused(save(tmp_path / "oft.safetensors", oft), model, "LyCORIS OFT")
-    half = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 32)}
-    refused(save(tmp_path / "half.safetensors", half), model, "proj_in", "make no LoRA")
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    oft = {f"{name}.oft_blocks": torch.zeros(4, 8, 8), f"{name}.alpha": torch.tensor(1.0)}
+    refused(save(tmp_path / "oft.safetensors", oft), model, "uses LyCORIS OFT", f"{name}.oft_blocks")
+    half = {f"{name}.lora_down.weight": torch.zeros(2, 32)}
+    refused(save(tmp_path / "half.safetensors", half), model, name, "make no LoRA")
+    odd = kohya_lora(tmp_path / "odd.safetensors", {name: (32, 32, 1, 1)}) | {f"{name}.bias": torch.zeros(32)}
+    refused(save(tmp_path / "odd.safetensors", odd), model, "keys that are no LoRA weights", f"{name}.bias")
 
 
 def test_reading_needs_no_torch(tmp_path):

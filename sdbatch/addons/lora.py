@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 UNET, TEXT = PREFIXES["unet"], PREFIXES["text_encoder"]
 CONV_IN = UNET + "input_blocks.0.0.weight"  # 9 input channels in inpainting models, 4 in the LoRAs for them
 
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 # What the end of a key names: (part, naming family). Tried longest first, after a ".".
 _ENDINGS = {
     "lora_down.weight": ("down", "kohya"),
@@ -49,8 +51,7 @@ _ENDINGS = {
     "lora_linear_layer.up.weight": ("up", "diffusers"),
     "alpha": ("alpha", None),
     "dora_scale": ("dora_scale", None),
-    **{p: (p, None) for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
-    **{p: (p, None) for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
+    **{p: (p, None) for p in (*_LOHA, *_LOKR)},
 }
 _BY_LENGTH = sorted(_ENDINGS, key=len, reverse=True)
 # older diffusers attention processors: `<attention>.processor.to_q_lora.down.weight` (UNet) and
@@ -59,31 +60,19 @@ _PROCESSOR = re.compile(r"(.+?)(\.processor)?\.to_(q|k|v|out)_lora\.(down|up)\.w
 # parts each algorithm may have, beyond the ones it needs (`_kind`)
 _ALLOWED = {
     "lora": {"down", "up", "mid", "alpha", "dora_scale"},
-    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"},
-    "lokr": {
-        "lokr_w1",
-        "lokr_w1_a",
-        "lokr_w1_b",
-        "lokr_w2",
-        "lokr_w2_a",
-        "lokr_w2_b",
-        "lokr_t2",
-        "alpha",
-        "dora_scale",
-    },
+    "loha": {*_LOHA, "alpha", "dora_scale"},
+    "lokr": {*_LOKR, "alpha", "dora_scale"},
 }
-# LyCORIS algorithms (and PEFT's own DoRA) that A1111 or LyCORIS can load but sdbatch does not merge,
-# told apart by a part of their key names, so that the refusal can name them
+# LyCORIS algorithms (and PEFT's own DoRA) that A1111 or LyCORIS can load but sdbatch does not merge:
+# the last part of a key (LyCORIS' `weight_list_det`) names them, for the refusal to say
 _UNSUPPORTED = {
-    "oft_blocks": "LyCORIS OFT",
-    "oft_diag": "LyCORIS OFT",
-    "oft_R": "LyCORIS BOFT",
-    "w_norm": "LyCORIS norm",
-    "b_norm": "LyCORIS norm",
-    ".diff": "LyCORIS full (diff)",
+    "oft_blocks": "LyCORIS OFT / BOFT",
+    "diff": "LyCORIS full (diff)",
     "on_input": "LyCORIS IA3",
-    ".a1.weight": "LyCORIS GLoRA",
+    "w_norm": "LyCORIS norm",
+    "a1.weight": "LyCORIS GLoRA",
     "lora_magnitude_vector": "PEFT DoRA (lora_magnitude_vector)",
+    "lora_magnitude_vector.weight": "PEFT DoRA (lora_magnitude_vector)",
     "wd_for_diff": "LyCORIS DoRA of the difference (wd_for_diff)",
 }
 SUPPORTED = "LoRA, LoCon, LoHa, LoKr and DoRA"
@@ -91,7 +80,7 @@ SUPPORTED = "LoRA, LoCon, LoHa, LoKr and DoRA"
 # the UNet's cross-attention to_k/to_v read the text encoder's output, whose q/k/v/out read its width
 _FAMILIES = {1024: "an SD 2.x LoRA", 1280: "an SDXL LoRA", 2048: "an SDXL LoRA"}
 _WIDTH_LAYERS = re.compile(r".*(attn2[._](processor[._])?to_[kv]|self_attn[._]([qkv]|out)_proj)$")
-_SDXL_NAMES = ("lora_te1_", "lora_te2_", "text_encoder_2.", "te1_", "te2_")
+_SDXL_NAMES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers' safetensors metadata: the LoraConfig per component
 
 
@@ -149,13 +138,17 @@ def read_lora(path: str | Path, shapes: Mapping[str, tuple[int, ...]], unet_conf
     path = Path(path)
     weights = read_weights(path)
     modules, unknown, skipped = _group(weights.tensors)
+    algorithm = _unsupported(unknown)
+    if algorithm:
+        raise LoraError(f"{path}: uses {algorithm}, which sdbatch does not merge; it merges {SUPPORTED}")
     if not modules:
-        raise LoraError(f"{path}: not a LoRA: {_describe(weights.shapes(), unknown)}")
+        raise LoraError(f"{path}: not a LoRA: {_describe(weights.shapes())}")
     family = _family(modules, weights.metadata, unet_config.context_dim)
     if family:
         raise LoraError(f"{path}: is {family}; sdbatch renders SD 1.x")
     if unknown:
-        raise LoraError(f"{path}: {_unsupported(unknown)}")
+        shown = ", ".join(unknown[:SHOW]) + (", ..." if len(unknown) > SHOW else "")
+        raise LoraError(f"{path}: has keys that are no LoRA weights sdbatch knows ({shown})")
     names = model_names(shapes, unet_config)
     missing = [m.name for m in modules.values() if m.kind and _lookup(m.name, names) is None]
     if missing:
@@ -196,12 +189,7 @@ def model_names(shapes: Mapping[str, tuple[int, ...]], unet_config: UNetConfig) 
         elif key.startswith(TEXT):
             full = path.removeprefix(TEXT)  # text_model.encoder.layers.0.self_attn.q_proj
             short = full.removeprefix("text_model.")
-            aliases = [
-                f"lora_te_{_flat(full)}",
-                f"lora_te_{_flat(short)}",
-                f"text_encoder.{full}",
-                f"text_encoder.{short}",
-            ]
+            aliases = [f"lora_te_{_flat(p)}" for p in (full, short)] + [f"text_encoder.{p}" for p in (full, short)]
             aliases += [full, short]
         else:
             continue  # the VAE: LoRAs do not change it
@@ -263,7 +251,8 @@ def _split(key: str) -> tuple[str, str, str | None] | None:
 
 
 def _kind(parts: set[str]) -> str | None:
-    """Which algorithm a layer's parts make, or None if they make none (checked in `_patch`)."""
+    """Which algorithm a layer's parts make: "lora", "loha", "lokr"; "incomplete" for parts that make
+    none (refused in `_patch`); None for an `alpha` alone (nothing to merge)."""
     if {"down", "up"} <= parts:
         return "lora"
     if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= parts:
@@ -289,20 +278,15 @@ def _flat(path: str) -> str:
 # what a file is when it is no LoRA for this model
 
 
-def _describe(shapes: Mapping[str, tuple[int, ...]], unknown: list[str]) -> str:
-    if not shapes:
-        return "it holds no tensors"
-    for marker, name in _UNSUPPORTED.items():
-        if any(marker in key for key in unknown):
-            return f"it is {name}, which sdbatch does not merge ({SUPPORTED} it does)"
-    return f"it looks like {detect_kind(shapes).description}"
+def _describe(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    return f"it looks like {detect_kind(shapes).description}" if shapes else "it holds no tensors"
 
 
 def _family(modules: Mapping[str, _Module], metadata: Mapping[str, str], width: int) -> str | None:
-    """ "an SDXL LoRA" / "an SD 2.x LoRA" when names, kohya's metadata or layer widths say so."""
-    if str(metadata.get("ss_base_model_version", "")).startswith("sdxl") or any(
-        name.startswith(_SDXL_NAMES) for name in modules
-    ):
+    """The other model family ("an SDXL LoRA", "an SD 2.x LoRA") that names, kohya's metadata or the
+    widths of the layers reading text say the file was made for; None if none."""
+    sdxl_names = any(name.startswith(_SDXL_NAMES) for name in modules)
+    if sdxl_names or str(metadata.get("ss_base_model_version", "")).startswith("sdxl"):
         return "an SDXL LoRA"
     if str(metadata.get("ss_v2", "")) == "True":
         return "an SD 2.x LoRA"
@@ -317,13 +301,13 @@ def _family(modules: Mapping[str, _Module], metadata: Mapping[str, str], width: 
     return None
 
 
-def _unsupported(unknown: list[str]) -> str:
+def _unsupported(unknown: list[str]) -> str | None:
+    """The algorithm sdbatch does not merge that some of these keys belong to, with an example key."""
     for marker, name in _UNSUPPORTED.items():
-        found = [key for key in unknown if marker in key]
+        found = [key for key in unknown if key.endswith("." + marker)]
         if found:
-            return f"uses {name} (e.g. {found[0]}), which sdbatch does not merge; it merges {SUPPORTED}"
-    shown = ", ".join(unknown[:SHOW]) + (", ..." if len(unknown) > SHOW else "")
-    return f"{len(unknown)} keys are no LoRA weights sdbatch knows ({shown}); it merges {SUPPORTED}"
+            return f"{name} (e.g. {found[0]})"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,6 +323,8 @@ def _patch(path: Path, module: _Module, key: str, target: tuple[int, ...], peft:
         natural, rank = _NATURAL[kind](shapes)
     except (ValueError, KeyError, IndexError) as e:
         raise LoraError(f"{path}: {module.name}: {e}") from None
+    if rank == 0 or 0 in natural or math.prod(shapes.get("alpha", ())) != 1:
+        raise LoraError(f"{path}: {module.name} is empty or has an alpha that is no single number")
     if not _fits(natural, target, key):
         raise LoraError(f"{path}: {module.name} makes a {list(natural)} update, but {key} is {list(target)}")
     dora = None

@@ -4,8 +4,8 @@ Merged, not hooked: W' = W + sum(multiplier * delta) is computed once when the s
 so sampling pays nothing per step (a hook would add up(down(x)) to every layer in every step). A job
 that renders many images with one set merges once; consecutive batches with the same set merge never.
 
-Restored by copying, never by subtracting: the original of every changed weight is kept (a clone on
-its own device, in its own dtype) and copied back, so a model comes back bitwise as it was. Subtracting
+Restored by copying, never by subtracting: the original of every changed weight is kept (a copy on
+the CPU, in its own dtype) and copied back, so a model comes back bitwise as it was. Subtracting
 the update again would leave rounding errors in fp16 weights that pile up over a sweep of LoRA sets.
 """
 
@@ -65,7 +65,9 @@ class Merger:
         with torch.no_grad():
             for key, updates in _updates(loras).items():
                 weight = self.model.get_parameter(key)
-                self._originals[key] = weight.detach().clone()
+                # kept on the CPU, as A1111 does: a LoCon touching most of the UNet would otherwise
+                # hold a second copy of it in GPU memory; the copy back is one transfer per set change
+                self._originals[key] = weight.detach().to("cpu", copy=True)
                 merged = weight.float()
                 for patch, multiplier in updates:
                     merged = merged + multiplier * patch.delta(merged)

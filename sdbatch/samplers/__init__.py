@@ -22,6 +22,7 @@ class Sampler:
     ancestral: bool  # draws fresh noise at each step
     karras: bool  # accepts Karras sigmas
     aliases: tuple[str, ...] = ()  # other spellings people write (lower case)
+    max_steps: int = 1000  # lcm: its 50-timestep distillation grid
 
     @property
     def module(self) -> ModuleType:
@@ -56,7 +57,7 @@ SAMPLERS: dict[str, Sampler] = {
             aliases=("euler_ancestral", "euler ancestral", "k_euler_a"),
         ),
         Sampler("dpmpp_2m", "DPM++ 2M", ancestral=False, karras=True, aliases=("dpm++_2m", "dpmpp2m", "k_dpmpp_2m")),
-        Sampler("lcm", "LCM", ancestral=True, karras=False, aliases=("k_lcm",)),
+        Sampler("lcm", "LCM", ancestral=True, karras=False, aliases=("k_lcm",), max_steps=50),
     )
 }
 KARRAS = [name for name, s in SAMPLERS.items() if s.karras]

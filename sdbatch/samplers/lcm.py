@@ -42,7 +42,8 @@ import torch
 
 from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, StepPlan
 
-ORIGINAL_STEPS = 50  # the timestep grid LCM weights were distilled on (diffusers' original_inference_steps)
+# the timestep grid LCM weights were distilled on (diffusers' original_inference_steps; SAMPLERS["lcm"].max_steps)
+ORIGINAL_STEPS = 50
 TIMESTEP_SCALING = 10.0
 SIGMA_DATA = 0.5
 
