@@ -116,12 +116,14 @@ def _output(text: str | None) -> Path | None:
 def validate(job_file: JobArg) -> None:
     """Check a job file, its model's header, images and prompt files; render nothing. Exit 2 on any problem."""
     from .checkpoints import check_model_files
+    from .plan import check_job_addons
 
     with _guard():
         job = load_job(job_file)
         model = ModelInfo.of(job.model, job.vae)
         check_model_files(model.path, model.vae)  # both headers, kinds, configs and key shapes; no weights read
         job.check(model.size, model.cfg)  # the rules again, at the model's own size
+        check_job_addons(job, model)  # LoRA and embedding files: found, hashed, headers checked
     slots = job.random_slots()
     extra = f" ({sum(slots.values())} seeds drawn at random when it first runs)" if slots else ""
     _say(f"{printable(str(job_file))}: ok: {job.size()} images in {len(job.runs)} run(s){extra}")

@@ -2,6 +2,7 @@
 and what is already done. Reads only; torch-free (the model's facts come from its file header).
 """
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -11,10 +12,11 @@ from typing import Any
 
 from PIL import Image
 
-from .addons.library import AddonError, Folders, Library, check_addons
+from .addons.library import AddonError, Addons, Folders, Library, check_addons
 from .checkpoints import model_hash, model_sha256, open_model, resolve_model
 from .files import content_sha256, inside, read_record
 from .jobs import Job, Run, Task, draw_randoms
+from .jobs.fields import RandomPrompts
 from .jobs.yamlmarks import JobError, Problem
 from .models.configs import SDConfig
 from .output.manifest import finished, read_manifests, whole_png
@@ -122,17 +124,42 @@ def _distinct_tasks(job: Job, model: ModelInfo, randoms: dict[str, list[int]]) -
     library = Library(Folders.of(job.lora_folder, job.embedding_folder))
     problems: dict[Problem, None] = {}
     for i, (run, recipe) in enumerate(combos):
-        try:
-            addons = library.addons(recipe.loras(), recipe.prompt, recipe.negative)
-            check_addons(addons, model.config)
-        except AddonError as e:
-            problems[_addon_problem(job.runs[run], recipe, e)] = None
-            continue
-        task_id = recipe.task_id(model.id, digest, addons.id_data())
-        tasks.setdefault(task_id, Task(i, run, task_id, recipe, addons))
+        addons = _addons(library, job.runs[run], recipe, model, problems)
+        if addons is not None:
+            task_id = recipe.task_id(model.id, digest, addons.id_data())
+            tasks.setdefault(task_id, Task(i, run, task_id, recipe, addons))
     if problems:
         raise JobError(list(problems))
     return list(tasks.values()), len(combos) - len(tasks)
+
+
+def check_job_addons(job: Job, model: ModelInfo) -> None:
+    """Every LoRA and embedding the job can use, found and checked against the model without
+    expanding the job (what `validate` adds to the rules): JobError naming the lines."""
+    library = Library(Folders.of(job.lora_folder, job.embedding_folder))
+    problems: dict[Problem, None] = {}
+
+    def texts(run: Run, name: str) -> list[str]:
+        return [c for v in run.values[name] for c in (v.choices if isinstance(v, RandomPrompts) else [v])]
+
+    for run in job.runs:
+        for lora, prompt, negative in itertools.product(
+            run.values["lora"], texts(run, "prompt"), texts(run, "negative")
+        ):
+            _addons(library, run, Recipe(prompt=prompt, negative=negative, lora=lora), model, problems)
+    if problems:
+        raise JobError(list(problems))
+
+
+def _addons(library: Library, run: Run, recipe: Recipe, model: ModelInfo, problems: dict) -> Addons | None:
+    """The recipe's add-ons, found and checked; None after noting the problem with its line."""
+    try:
+        addons = library.addons(recipe.loras(), recipe.prompt, recipe.negative)
+        check_addons(addons, model.config)
+        return addons
+    except AddonError as e:
+        problems[_addon_problem(run, recipe, e)] = None
+        return None
 
 
 def _addon_problem(run: Run, recipe: Recipe, error: AddonError) -> Problem:

@@ -38,7 +38,7 @@ from .output.manifest import (
 )
 from .output.png import png_bytes
 from .output.sheets import JOB_RECORD, SHEETS, make_sheets
-from .plan import RANDOMS, JobPlan, ModelInfo, plan_job
+from .plan import RANDOMS, JobPlan, ModelInfo, check_job_addons, plan_job
 from .render import auto_batch_size, inline_executor, make_executor
 
 WRITERS = 4  # threads encoding and writing PNGs
@@ -151,6 +151,7 @@ def run_job(job: Job, options: Options, reporter: Reporter, render: Callable | N
     if options.shard is not None and not (0 <= options.shard[0] < options.shard[1]):
         raise InputError(f"--shard {options.shard[0]}/{options.shard[1]}: i must be in 0..n-1")
     model = ModelInfo.of(job.model, job.vae)  # a bad model is bad input: say so before creating anything
+    check_job_addons(job, model)  # so are LoRA and embedding files
     if options.dry_run:
         plan = plan_job(job, folder, shard=options.shard, model=model)
         summary = _summary(plan, dry_run=True)

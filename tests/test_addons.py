@@ -251,3 +251,20 @@ def test_bad_embeddings_and_names_are_refused(addons):
         with pytest.raises(JobError) as e:
             plan_job(load_job(write_job(addons, body)))
         assert where in str(e.value) and what in str(e.value), str(e.value)
+
+
+def test_validate_checks_the_addons_and_exits_2(addons):
+    import subprocess
+    import sys
+
+    save_file(
+        _kohya_pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768, 768),
+        addons / "loras" / "xl.safetensors",
+    )
+    job = write_job(addons, f"prompt: {PROMPT}\nruns:\n  - lora: none\n  - lora: [{{demo-warp: 1}}, {{xl: 0.5}}]\n")
+    job.write_text(job.read_text().replace("prompt:", "defaults: {prompt: x}\n#", 1))
+    for command in ("validate", "run"):
+        result = subprocess.run([sys.executable, "-m", "sdbatch", command, str(job)], capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        assert "job.yaml:10: runs[1].lora: LoRA 'xl'" in result.stderr and "SDXL" in result.stderr, result.stderr
+    assert not (addons / "out").exists()
