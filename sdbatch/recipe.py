@@ -402,6 +402,6 @@ A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str,
 }
 _READERS = {key: read for key, _, read in A1111_KEYS.values()}
 # keys that do not change the pixels (or name the model, which rerun resolves itself)
-A1111_IGNORED = {"Model hash", "Model", "Version"}
+A1111_IGNORED = {"Model hash", "Model", "Version", "Template", "Negative Template"}
 # the add-ons' short hashes: not recipe fields, but rerun checks the files it finds against them
 A1111_ADDON_KEYS = {"Lora hashes", "TI hashes"}

@@ -35,8 +35,12 @@ _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
-    """A1111's parse_generation_parameters, to raw strings: (prompt, negative, {key: value})."""
-    *lines, last = text.strip().split("\n")
+    """A1111's parse_generation_parameters, to raw strings: (prompt, negative, {key: value}).
+    Lines the Dynamic Prompts extension appends after the parameters (`Template: ...`, `Negative
+    Template: ...`, each possibly several lines) are cut off first, as that extension does when
+    A1111 reads the text, and kept as the pairs `Template` and `Negative Template`."""
+    text, templates = _split_templates(text.strip())
+    *lines, last = text.split("\n")
     if len(_PAIR.findall(last)) < 3:
         lines.append(last)
         last = ""
@@ -54,7 +58,19 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
             with contextlib.suppress(json.JSONDecodeError):  # A1111 keeps such a value as written
                 value = json.loads(value)
         pairs[key.strip()] = value
-    return "\n".join(prompt), "\n".join(negative), pairs
+    return "\n".join(prompt), "\n".join(negative), pairs | templates
+
+
+def _split_templates(text: str) -> tuple[str, dict[str, str]]:
+    lines = text.split("\n")
+    for i in range(1, len(lines)):
+        if lines[i].startswith("Template:") and len(_PAIR.findall(lines[i - 1])) >= 3:
+            template, _, negative = "\n".join(lines[i:]).partition("\nNegative Template:")
+            found = {"Template": template.removeprefix("Template:").strip()}
+            if negative.strip():
+                found["Negative Template"] = negative.strip()
+            return "\n".join(lines[:i]), found
+    return text, {}
 
 
 def parse_a1111_parameters(text: str) -> dict[str, str]:
