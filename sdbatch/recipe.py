@@ -58,6 +58,11 @@ class Recipe:
     steps: int = param(30, "sampler steps (img2img runs the last int(steps * strength))")
     strength: float | None = param(None, "img2img / inpainting: how much of the schedule is re-run; None for txt2img")
     cfg: float = param(7.5, "classifier-free guidance scale (1 = no guidance, no uncond row)")
+    rng: str = param("diffusers", "noise: diffusers (CPU generator, diffusers' order), a1111 (A1111's GPU), a1111-cpu")
+    ensd: int = param(0, "A1111's ENSD (eta noise seed delta): draws after the first come from seed + ensd")
+    seed_resize_from: tuple[int, int] | None = param(None, "A1111's Seed resize from: noise drawn at this size")
+    subseed_strength: float = param(0.0, "A1111's Variation seed strength: slerp of the seed's noise to the subseed's")
+    subseed: int = param(0, "A1111's Variation seed (applies when subseed_strength > 0)")
     seed: int = param(0, "seeds the image's own noise generator: 0 .. 2**64-1")
 
     @property
@@ -77,7 +82,8 @@ class Recipe:
     def batch_key(self) -> tuple:
         """Recipes with equal keys share every UNet call; prompts, seeds and CFG may differ (the
         LoRAs may not: they are merged into the weights every image of a batch goes through)."""
-        return (self.steps, self.sampler, self.karras, self.size, self.mode, self.strength, self.loras())
+        noise = (self.rng, self.ensd)  # one noise source per batch
+        return (self.steps, self.sampler, self.karras, self.size, self.mode, self.strength, self.loras(), noise)
 
     def loras(self) -> tuple[tuple[str, float, float], ...]:
         """Every LoRA this image merges: the prompt's `<lora:...>` tags first (in A1111's order),
@@ -110,6 +116,9 @@ class Recipe:
             else:
                 if twice := sorted({n for n in names if names.count(n) > 1}):
                     yield "lora", f"LoRA {twice[0]!r} is named twice (in the prompt or the lora field); name it once"
+        a1111_only = [n for n in ("ensd", "seed_resize_from", "subseed_strength") if getattr(self, n) != DEFAULTS[n]]
+        if self.rng == "diffusers" and a1111_only:
+            yield a1111_only[0], "follows A1111's noise: set rng: a1111 (or a1111-cpu)"
         if self.mask is not None and self.init_image is None:
             yield "mask", "a mask needs an init_image to repaint"
         if self.init_image is None and self.strength is not None:
@@ -208,6 +217,8 @@ def a1111_values(text: str, where: str = "") -> dict[str, Any]:
     for required in ("Steps", "Sampler", "CFG scale", "Seed", "Size"):
         if required not in pairs:
             raise RecipeError(f"{where}the A1111 parameters lack {required}")
+    if "RNG" not in pairs and not str(pairs.get("Version", "")).startswith("sdbatch"):
+        values["rng"] = "a1111"  # A1111 writes no RNG key for its default, the GPU's noise
     for key, raw in pairs.items():
         if key in _READERS:
             try:
@@ -290,6 +301,17 @@ def _prompt_problem(text: str, steps: Any, negative: bool) -> str | None:
 EMPHASIS = {"original": "Original", "no-norm": "No norm", "none": "None", "comfy": "Comfy"}  # -> A1111's name
 
 
+RNG = {"diffusers": "diffusers", "a1111": "NV", "a1111-cpu": "CPU"}  # -> A1111's `RNG:` value
+
+
+def _rng(value: Any) -> str | None:
+    return None if value in RNG else f"unknown rng {value!r} (known: {', '.join(RNG)})"
+
+
+def _resize_from(value: Any) -> str | None:
+    return None if value is None else _size(value)
+
+
 def _emphasis(value: Any) -> str | None:
     return None if value in EMPHASIS else f"unknown emphasis {value!r} (known: {', '.join(EMPHASIS)})"
 
@@ -319,6 +341,11 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "steps": _whole(1, 1000, "from 1 to 1000"),
     "strength": _strength,
     "cfg": _real(0.0, 100.0, "from 0 to 100"),
+    "rng": _rng,
+    "ensd": _whole(-(2**31), 2**31 - 1, "from -2**31 to 2**31-1"),
+    "seed_resize_from": _resize_from,
+    "subseed_strength": _real(0.0, 1.0, "from 0 to 1"),
+    "subseed": _whole(0, 2**64 - 1, "from 0 to 2**64-1"),
     "seed": _whole(0, 2**64 - 1, "from 0 to 2**64-1"),
 }
 
@@ -333,11 +360,11 @@ def _jsonable(value: Any) -> Any:
 
 def _coerce(name: str, value: Any) -> Any:
     """A JSON value back into the field's Python type (strict: no float seeds, no text numbers)."""
-    if name == "size":
+    if name in ("size", "seed_resize_from") and not (name == "seed_resize_from" and value is None):
         if not isinstance(value, list) or len(value) != 2:
             raise ValueError(f"must be [width, height], got {value!r}")
         return tuple(value)
-    if name == "cfg" and isinstance(value, int) and not isinstance(value, bool):
+    if name in ("cfg", "subseed_strength") and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if name == "lora":
         if not isinstance(value, list) or not all(isinstance(v, list) and len(v) == 3 for v in value):
@@ -382,6 +409,18 @@ def _read_real(name: str) -> Callable[[str], dict[str, Any]]:
     return lambda text: {name: float(text)}
 
 
+def _read_rng(text: str) -> dict[str, Any]:
+    names = {"gpu": "a1111", "nv": "a1111", "cpu": "a1111-cpu", "diffusers": "diffusers"}
+    if text.strip().lower() not in names:
+        raise ValueError("unknown noise source (known: GPU, NV, CPU)")
+    return {"rng": names[text.strip().lower()]}
+
+
+def _read_resize(text: str) -> dict[str, Any]:
+    size = _read_size(text)["size"]
+    return {} if size[0] <= 0 or size[1] <= 0 else {"seed_resize_from": size}  # A1111 writes -1x-1 for off
+
+
 def _read_emphasis(text: str) -> dict[str, Any]:
     names = {a1111.lower(): name for name, a1111 in EMPHASIS.items()} | {"ignore": "none"}
     if text.strip().lower() not in names:
@@ -399,6 +438,12 @@ A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str,
     "strength": ("Denoising strength", lambda v: None if v is None else number_text(v), _read_real("strength")),
     "clip_skip": ("Clip skip", lambda v: v if v > 1 else None, _read_whole("clip_skip")),
     "emphasis": ("Emphasis", lambda v: None if v == "original" else EMPHASIS[v], _read_emphasis),
+    "subseed": ("Variation seed", lambda v: v or None, _read_whole("subseed")),
+    "subseed_strength": ("Variation seed strength", lambda v: number_text(v) or None, _read_real("subseed_strength")),
+    "seed_resize_from": ("Seed resize from", lambda v: None if v is None else f"{v[0]}x{v[1]}", _read_resize),
+    "ensd": ("ENSD", lambda v: v or None, _read_whole("ensd")),
+    # A1111's default (GPU) writes no RNG key; sdbatch's own default (diffusers) writes none either
+    "rng": ("RNG", lambda v: None if v == "diffusers" else RNG[v], _read_rng),
 }
 _READERS = {key: read for key, _, read in A1111_KEYS.values()}
 # keys that do not change the pixels (or name the model, which rerun resolves itself)

@@ -40,6 +40,11 @@ CASES = {
     "steps": ({"steps": 7}, 7),
     "strength": ({"init_image": IMAGE, "strength": 0.4}, 0.4),
     "cfg": ({"cfg": 3.5}, 3.5),
+    "rng": ({"rng": "NV"}, "a1111"),  # A1111's name accepted
+    "ensd": ({"rng": "a1111", "ensd": 31337}, 31337),
+    "seed_resize_from": ({"rng": "a1111", "seed_resize_from": [48, 32]}, (48, 32)),
+    "subseed_strength": ({"rng": "a1111", "subseed": 7, "subseed_strength": 0.25}, 0.25),
+    "subseed": ({"rng": "a1111", "subseed": 7, "subseed_strength": 0.25}, 7),
     "seed": ({"seed": "12345678901234567"}, 12345678901234567),  # as text: must stay exact
 }
 FIELDS = [f.name for f in fields(Recipe)]

@@ -295,6 +295,18 @@ def _weights(name: str, weight: Any, ctx: Context) -> list[float]:
         raise ValueError(f"{name}: {e}") from None
 
 
+def _rng(item: Any, ctx: Context) -> list:
+    """`diffusers`, `a1111` (A1111's GPU noise; A1111's names GPU and NV too), `a1111-cpu` (CPU)."""
+    if not isinstance(item, str):
+        raise ValueError(f"must be a noise source, got {show(item)}")
+    text = item.strip().lower()
+    return [{"gpu": "a1111", "nv": "a1111", "cpu": "a1111-cpu"}.get(text, text)]
+
+
+def _resize_from(item: Any, ctx: Context) -> list:
+    return [None] if item is None or item == "none" else _size(item, ctx)
+
+
 PARSERS: dict[str, Callable[[Any, Context], list]] = {
     "prompt": _text,
     "negative": _text,
@@ -309,6 +321,11 @@ PARSERS: dict[str, Callable[[Any, Context], list]] = {
     "steps": _numbers(True),
     "strength": _numbers(False),
     "cfg": _numbers(False),
+    "rng": _rng,
+    "ensd": _numbers(True),
+    "seed_resize_from": _resize_from,
+    "subseed_strength": _numbers(False),
+    "subseed": _numbers(True),
     "seed": _seed,
     "batch_size": _batch_size,
 }

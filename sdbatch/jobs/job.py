@@ -275,7 +275,8 @@ class _Checker:
         """One parameter: raw YAML value -> list of values, or None after reporting a problem."""
         items = list(raw) if isinstance(raw, list) else [raw]
         lines = raw.lines if isinstance(raw, LineList) else [line] * len(items)
-        if isinstance(raw, list) and key == "size" and len(raw) == 2 and all(isinstance(v, int) for v in raw):
+        pair = key in ("size", "seed_resize_from") and len(raw) == 2 if isinstance(raw, list) else False
+        if pair and all(isinstance(v, int) for v in raw):
             items, lines = [raw], [line]  # size: [768, 512] is one size
         if not items:
             self.problem(line, key, "empty list: give at least one value")

@@ -307,11 +307,14 @@ class Pipeline:
         shape = (4, first.height // self.latent_factor, first.width // self.latent_factor)
         gens = [torch.Generator().manual_seed(r.recipe.seed) for r in requests]
 
-        def draw() -> torch.Tensor:
+        def own() -> torch.Tensor:
             """One standard normal latent per image, from that image's own generator (on CPU)."""
             return torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(self.device)
 
-        begin = self._start(requests, plan, draw)
+        draw = own if first.rng == "diffusers" else self._a1111_noise(requests, shape)
+        # the VAE posterior's sample: in diffusers' order the first draw of the same generator; A1111
+        # draws it from its global generator, which no seed reproduces: here the image's own generator
+        begin = self._start(requests, plan, draw, own)
         rows = GuidanceRows(
             [r.recipe.cfg for r in requests],
             [(self._schedule(r, strip_networks(r.recipe.prompt)), self._uncond(r)) for r in requests],
@@ -330,7 +333,26 @@ class Pipeline:
     def _uncond(self, request: Request) -> Schedule | None:
         return None if request.recipe.cfg == 1 else self._schedule(request, request.recipe.negative)
 
-    def _start(self, requests: Sequence[Request], plan, draw: Callable[[], torch.Tensor]) -> start.Start:
+    def _a1111_noise(self, requests: Sequence[Request], shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+        """A1111's noise for the batch (`noise.a1111.ImageNoise`): the first draw is the initial
+        latent noise (variation seed and seed resize applied), each later one a step's noise."""
+        from ..noise.a1111 import ImageNoise
+
+        r = [q.recipe for q in requests]
+        noise = ImageNoise(
+            shape,
+            [x.seed for x in r],
+            [x.subseed for x in r],
+            [x.subseed_strength for x in r],
+            [x.seed_resize_from for x in r],
+            source=r[0].rng,
+            ensd=r[0].ensd,
+        )
+        return lambda: noise.next().to(self.device)
+
+    def _start(
+        self, requests: Sequence[Request], plan, draw: Callable[[], torch.Tensor], own: Callable[[], torch.Tensor]
+    ) -> start.Start:
         first = requests[0].recipe
         if first.mode == "txt2img" and not self.inpainting_model:
             return start.from_noise(plan, draw)
@@ -342,7 +364,7 @@ class Pipeline:
         images = images.to(self.device)
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
-            return self._encode(pixels, draw)
+            return self._encode(pixels, own)
 
         if first.mode == "img2img" and not self.inpainting_model:
             return start.from_image(plan, draw, encode(images), first.steps, first.strength)
@@ -352,7 +374,7 @@ class Pipeline:
         if self.inpainting_model:
             full = first.mode == "txt2img" or (first.mode == "inpaint" and first.strength == 1.0)
             return start.inpaint_model(plan, draw, encode, images, masks, full, first.steps, first.strength)
-        return start.inpaint(plan, draw, encode, images, masks, first.steps, first.strength)
+        return start.inpaint(plan, draw, encode, images, masks, first.steps, first.strength, own)
 
     def _encode(self, images: torch.Tensor, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Scaled latents sampled from the VAE posterior, one draw per image from its generator."""

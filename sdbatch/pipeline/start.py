@@ -38,9 +38,19 @@ def from_image(plan: StepPlan, draw: Draw, latents: torch.Tensor, steps: int, st
     return Start(latents + noise * plan.sigmas[0], plan)
 
 
-def inpaint(plan: StepPlan, draw: Draw, encode: Encode, images, masks, steps: int, strength: float) -> Start:
+def inpaint(
+    plan: StepPlan,
+    draw: Draw,
+    encode: Encode,
+    images,
+    masks,
+    steps: int,
+    strength: float,
+    posterior: Draw | None = None,
+) -> Start:
     """A normal (4-channel) model repaints the white of the mask: after each step the known region
-    is put back at the new noise level (exact, without noise, after the last step)."""
+    is put back at the new noise level (exact, without noise, after the last step). `posterior`
+    draws the VAE samples (by default `draw`, diffusers' order)."""
     latents = encode(images)
     noise = draw()
     if strength == 1.0:
@@ -51,7 +61,7 @@ def inpaint(plan: StepPlan, draw: Draw, encode: Encode, images, masks, steps: in
     small = F.interpolate(masks, size=tuple(x.shape[-2:]))
     # diffusers encodes the masked image for 4-channel models too and never uses it; its sample
     # draw is made here as well so that every later draw (and image) lines up
-    draw()
+    (posterior or draw)()
     last = len(plan) - 1
 
     def after_step(i: int, x: torch.Tensor) -> torch.Tensor:
