@@ -293,7 +293,7 @@ class Pipeline:
             return []
         first = requests[0].recipe
         if any(r.recipe.batch_key() != first.batch_key() for r in requests):
-            raise RequestError("a batch must share steps, sampler, karras, size, mode and strength")
+            raise RequestError("a batch must share steps, sampler, karras, size, mode, strength, LoRAs and noise")
         if first.width % self.latent_factor or first.height % self.latent_factor:
             # the UNet takes any latent size; the VAE maps f x f pixels to one latent cell, so
             # another size would come back cropped: refuse it before anything is drawn
