@@ -5,6 +5,7 @@ and what is already done. Reads only; torch-free (the model's facts come from it
 import itertools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -121,7 +122,7 @@ def _distinct_tasks(job: Job, model: ModelInfo, randoms: dict[str, list[int]]) -
 
     tasks: dict[str, Task] = {}
     combos = job.expand(randoms, model.size, model.cfg)
-    library = Library(Folders.of(job.lora_folder, job.embedding_folder))
+    library = addon_library(job, model)
     problems: dict[Problem, None] = {}
     for i, (run, recipe) in enumerate(combos):
         addons = _addons(library, job.runs[run], recipe, model, problems)
@@ -136,7 +137,7 @@ def _distinct_tasks(job: Job, model: ModelInfo, randoms: dict[str, list[int]]) -
 def check_job_addons(job: Job, model: ModelInfo) -> None:
     """Every LoRA and embedding the job can use, found and checked against the model without
     expanding the job (what `validate` adds to the rules): JobError naming the lines."""
-    library = Library(Folders.of(job.lora_folder, job.embedding_folder))
+    library = addon_library(job, model)
     problems: dict[Problem, None] = {}
 
     def texts(run: Run, name: str) -> list[str]:
@@ -151,10 +152,23 @@ def check_job_addons(job: Job, model: ModelInfo) -> None:
         raise JobError(list(problems))
 
 
+def addon_library(job: Job | None, model: ModelInfo) -> Library:
+    """The job's add-on folders (the default ones without a job), matching embeddings with the
+    model's own tokenizer (loaded only when an embedding's name appears in a prompt)."""
+    folders = Folders.of(job.lora_folder, job.embedding_folder) if job is not None else Folders.of()
+
+    def tokenizer() -> Callable[[str], list[int]]:
+        from .tokenizer import load_tokenizer
+
+        return load_tokenizer(model.path, vocab_size=model.config.clip.vocab_size).tokens
+
+    return Library(folders, tokenize=tokenizer)
+
+
 def _addons(library: Library, run: Run, recipe: Recipe, model: ModelInfo, problems: dict) -> Addons | None:
     """The recipe's add-ons, found and checked; None after noting the problem with its line."""
     try:
-        addons = library.addons(recipe.loras(), recipe.prompt, recipe.negative)
+        addons = library.addons(recipe.loras(), recipe.prompt, recipe.negative, recipe.steps, recipe.emphasis)
         check_addons(addons, model.config)
         return addons
     except AddonError as e:

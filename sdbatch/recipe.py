@@ -13,6 +13,7 @@ Torch-free: validating and planning a job never import torch.
 """
 
 import hashlib
+import importlib.util
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -115,7 +116,10 @@ class Recipe:
                 yield "prompt", str(e)
             else:
                 if twice := sorted({n for n in names if names.count(n) > 1}):
-                    yield "lora", f"LoRA {twice[0]!r} is named twice (in the prompt or the lora field); name it once"
+                    where = "lora" if twice[0] in [n for n, _, _ in self.lora] else "prompt"
+                    yield where, f"LoRA {twice[0]!r} is named twice (in the prompt or the lora field); name it once"
+        if self.rng != "diffusers" and self.sampler in SAMPLERS and SAMPLERS[self.sampler].brownian and not _torchsde():
+            yield "sampler", f"{self.sampler} with A1111's noise needs torchsde: pip install 'sdbatch[a1111]'"
         a1111_only = [n for n in ("ensd", "seed_resize_from", "subseed_strength") if getattr(self, n) != DEFAULTS[n]]
         if self.rng == "diffusers" and a1111_only:
             yield a1111_only[0], "follows A1111's noise: set rng: a1111 (or a1111-cpu)"
@@ -285,6 +289,12 @@ def _flag(value: Any) -> str | None:
 
 def _strength(value: Any) -> str | None:
     return None if value is None else _real(0.0, 1.0, "above 0 and at most 1", above=True)(value)
+
+
+@lru_cache(maxsize=1)
+def _torchsde() -> bool:
+    """Whether torchsde (A1111's Brownian-tree noise for the DPM++ SDE samplers) is installed."""
+    return importlib.util.find_spec("torchsde") is not None
 
 
 @lru_cache(maxsize=4096)

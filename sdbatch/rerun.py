@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .addons.library import Addons, Folders, Library, check_addons
+from .addons.library import Addons, Folders, check_addons
 from .errors import InputError
 from .files import content_sha256, write_atomic
 from .images import open_image
 from .jobs import Task
 from .output.a1111 import parse_infotext
 from .output.png import png_bytes, read_png_text
-from .plan import ModelInfo
+from .plan import ModelInfo, addon_library
 from .recipe import Recipe
 from .text import printable, text_problem
 
@@ -97,7 +97,7 @@ def rerun_image(image: Path, output: Path, model: str | None = None, device: str
         raise InputError(f"{printable(str(target))} is the image itself; choose another --output")
 
     record = meta.get("task", {})
-    addons = find_addons(recipe, record.get("addons", {}), _a1111_hashes(image, meta), shown, bool(meta))
+    addons = find_addons(recipe, record.get("addons", {}), _a1111_hashes(image, meta), shown, bool(meta), info)
     check_addons(addons, info.config)
     task_id = recipe.task_id(info.id, content_sha256, addons.id_data())
     task = Task(record.get("index", 0), record.get("run", 0), task_id, recipe, addons)
@@ -140,7 +140,9 @@ def _recorded_folders(listed: Any) -> list[Path]:
     return list(dict.fromkeys(Path(p).parent for p in paths if isinstance(p, str) and p))
 
 
-def find_addons(recipe: Recipe, recorded: Any, a1111: dict[str, dict[str, str]], shown: str, ours: bool) -> Addons:
+def find_addons(
+    recipe: Recipe, recorded: Any, a1111: dict[str, dict[str, str]], shown: str, ours: bool, model: ModelInfo
+) -> Addons:
     """The recipe's LoRAs and embeddings, found by name in the add-on folders, and checked against
     what the image records: our chunk's full sha256 of each (`ours`: it lists every add-on used,
     so one found now that it does not list would change the picture), or A1111's short hashes. A
@@ -148,9 +150,9 @@ def find_addons(recipe: Recipe, recorded: Any, a1111: dict[str, dict[str, str]],
     if not isinstance(recorded, dict):
         raise InputError(f"{shown}: its sdbatch metadata is damaged (addons is not an object)")
     folders = {kind: _recorded_folders(recorded.get(kind)) for kind in ("loras", "embeddings")}
-    addons = Library(Folders.of(folders["loras"], folders["embeddings"])).addons(
-        recipe.loras(), recipe.prompt, recipe.negative
-    )
+    library = addon_library(None, model)
+    library.folders = Folders.of(folders["loras"], folders["embeddings"])
+    addons = library.addons(recipe.loras(), recipe.prompt, recipe.negative, recipe.steps, recipe.emphasis)
     for kind, uses in (("lora", addons.loras), ("embedding", addons.embeddings)):
         what = "LoRA" if kind == "lora" else "embedding"
         listed = recorded.get("loras" if kind == "lora" else "embeddings", [])
@@ -171,7 +173,12 @@ def find_addons(recipe: Recipe, recorded: Any, a1111: dict[str, dict[str, str]],
                     f"{shown}: {what} {printable(use.name)!r} found at {printable(use.path)} is not the file the image "
                     f"was made with (hash {printable(made)}, this file {use.sha256[:12] if ours else use.short})"
                 )
-        missing = [n for n in full if n not in {u.name for u in uses}]
+        found = {u.name for u in uses} | {u.name.replace(":", "").replace(",", "") for u in uses}
+        missing = [n for n in [*full, *short] if n not in found]
         if missing:
-            raise InputError(f"{shown}: {what} {printable(str(missing[0]))!r} the image was made with is not found")
+            made = f" (hash {printable(str(short[missing[0]]))})" if missing[0] in short else ""
+            raise InputError(
+                f"{shown}: {what} {printable(str(missing[0]))!r}{made} the image was made with is not in its prompt "
+                f"or not found in the {kind} folders; rendering without it would give another picture"
+            )
     return addons

@@ -93,7 +93,7 @@ def test_lora_sets_a_none_b_a_render_as_each_set_alone():
 
     def request(loras) -> Request:
         recipe = Recipe(prompt=PROMPT, size=(32, 32), steps=3, seed=5, lora=loras)
-        return Request(recipe, addons=library.addons(recipe.loras(), recipe.prompt, recipe.negative))
+        return Request(recipe, addons=library.addons(recipe.loras(), recipe.prompt, recipe.negative, recipe.steps))
 
     pipe = Pipeline.from_file("demo")
     original = {k: v.clone() for k, v in pipe.model.state_dict().items()}
@@ -268,3 +268,55 @@ def test_validate_checks_the_addons_and_exits_2(addons):
         assert result.returncode == 2, result.stderr
         assert "job.yaml:10: runs[1].lora: LoRA 'xl'" in result.stderr and "SDXL" in result.stderr, result.stderr
     assert not (addons / "out").exists()
+
+
+def test_an_embedding_triggers_by_tokens_not_by_letters(addons):
+    """'ci' is inside 'circle' as text but not as tokens: it applies to no prompt here, enters no id
+    and no TI hashes, and a broken file of that name refuses nothing (A1111's token rule)."""
+    job = write_job(addons, f"steps: 2\nprompt: {PROMPT}\n")
+    plain = plan_job(load_job(job)).tasks[0]
+    save_file({"emb_params": torch.zeros(1, 1024)}, addons / "embeddings" / "ci.safetensors")  # SD2-wide
+    (addons / "embeddings" / "rcle.pt").write_bytes(b"not an embedding")
+    again = plan_job(load_job(job)).tasks[0]
+    assert again.id == plain.id and not again.addons.embeddings
+
+
+def test_rerun_of_an_a1111_image_refuses_an_addon_it_cannot_find(addons):
+    from sdbatch.output.png import png_bytes
+
+    infotext = (
+        "a red circle\nNegative prompt: EasyNegative\nSteps: 2, Sampler: Euler a, CFG scale: 4, Seed: 3, "
+        'Size: 32x32, TI hashes: "EasyNegative: 66a7279a88dd"'
+    )
+    image = addons / "a1111.png"
+    image.write_bytes(png_bytes(Image.new("RGB", (32, 32)), {"parameters": infotext}))
+    with pytest.raises(Exception, match=r"embedding 'EasyNegative' .hash 66a7279a88dd. the image was made with"):
+        rerun_image(image, addons / "out", model="demo", device="cpu")
+
+
+@pytest.mark.parametrize("content", [b"\xff" * 64, b"<!DOCTYPE html><html>login</html>" * 4])
+def test_a_failed_download_named_like_a_lora_is_refused_in_one_line(addons, content):
+    (addons / "loras" / "ff.safetensors").write_bytes(content)
+    with pytest.raises(JobError, match=r"job.yaml:6: prompt: LoRA 'ff': .*ff.safetensors"):
+        plan_job(load_job(write_job(addons, f"prompt: {PROMPT} <lora:ff:1>\n")))
+
+
+def test_a_lora_name_that_cannot_be_written_as_a_tag_is_refused(addons):
+    with pytest.raises(JobError, match="cannot hold : < > or ="):
+        load_job(write_job(addons, f"prompt: {PROMPT}\nlora: {{'a:b': 1}}\n"))
+
+
+def test_a_failed_merge_leaves_the_plain_model_and_is_not_taken_for_merged(monkeypatch):
+    a = (("demo-warp", 0.8, 0.8),)
+    library = Library(Folders.of(LORA.parent))
+    pipe = Pipeline.from_file("demo")
+    original = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    uses = library.addons(a, PROMPT, "").loras
+    real = merge.Merger._merge
+    monkeypatch.setattr(merge.Merger, "_merge", lambda self, loras: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        pipe.use_loras(uses)
+    assert all(torch.equal(v, original[k]) for k, v in pipe.model.state_dict().items())
+    monkeypatch.setattr(merge.Merger, "_merge", real)
+    pipe.use_loras(uses)  # must merge now, not believe it merged already
+    assert not all(torch.equal(v, original[k]) for k, v in pipe.model.state_dict().items())

@@ -295,7 +295,7 @@ def test_init_image_of_the_same_shape_is_resized_another_shape_refused():
         ({"size": (500, 64)}, "size: 500x64: each side must be a multiple of 8"),
         ({"size": (64, 0)}, "size: 64x0: each side must be a multiple of 8"),
         ({"steps": 0}, "steps: 0 is out of range: must be from 1 to 1000"),
-        ({"sampler": "lms"}, "unknown sampler 'lms'"),
+        ({"sampler": "nonesuch"}, "unknown sampler 'nonesuch'"),
         ({"sampler": "ddpm", "karras": True}, "karras does not apply to ddpm"),
         ({"init_image": "a.png", "strength": 1.5}, r"strength: 1.5 is out of range: must be above 0 and at most 1"),
         ({"mask": "m.png"}, "a mask needs an init_image"),

@@ -19,9 +19,10 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import SHIPPED_WEIGHTS, CheckpointError, weights_dir
+from ..checkpoints import SHIPPED_WEIGHTS, CheckpointError, read_weights, weights_dir
 from ..checkpoints.hashing import addnet_sha256, file_sha256
 from ..models.configs import SDConfig
+from ..prompts import parse_attention, prompt_schedule
 from ..prompts.networks import strip_networks
 from ..text import printable
 
@@ -134,7 +135,11 @@ class Library:
     folders: Folders
     _listed: dict[tuple[Path, tuple[str, ...]], dict[str, list[Path]]] = field(default_factory=dict)
     _resolved: dict[Any, Any] = field(default_factory=dict)
-    _triggered: dict[str, tuple["EmbeddingUse", ...]] = field(default_factory=dict)
+    _triggered: dict[tuple[str, ...], tuple["EmbeddingUse", ...]] = field(default_factory=dict)
+    _hashes: dict[Path, tuple[str, str]] = field(default_factory=dict)  # path -> (sha256, A1111's short hash)
+    # the model's tokenizer (text -> ids), made on first use: matching embeddings by tokens, as A1111
+    tokenize: Callable[[], Callable[[str], list[int]]] | None = None
+    _tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def _files(self, folder: Path, suffixes: tuple[str, ...]) -> dict[str, list[Path]]:
         key = (folder, suffixes)
@@ -175,38 +180,85 @@ class Library:
             self._resolved["names"] = names
         return self._resolved["names"]
 
-    def addons(self, loras: tuple[tuple[str, float, float], ...], prompt: str, negative: str) -> Addons:
-        """The add-ons of a recipe: its LoRAs (`Recipe.loras()`), and the embeddings whose names
-        appear in its prompt or negative prompt. AddonError for a missing or ambiguous file."""
-        key = (loras, prompt, negative)
+    def addons(
+        self,
+        loras: tuple[tuple[str, float, float], ...],
+        prompt: str,
+        negative: str,
+        steps: int = 1,
+        emphasis: str = "original",
+    ) -> Addons:
+        """The add-ons of a recipe: its LoRAs (`Recipe.loras()`), and the embeddings that trigger
+        in its prompt or negative prompt (as the pipeline reads them, for `steps` and `emphasis`).
+        AddonError for a missing, ambiguous or unreadable file."""
+        key = (loras, prompt, negative, steps, emphasis)
         if key not in self._resolved:
             uses = tuple(self._lora_use(*lora) for lora in loras)
-            self._resolved[key] = Addons(uses, self._embeddings(strip_networks(prompt) + "\n" + negative))
+            pieces = tuple(p for text in (strip_networks(prompt), negative) for p in _pieces(text, steps, emphasis))
+            self._resolved[key] = Addons(uses, self._embeddings(pieces))
         return self._resolved[key]
 
     def _lora_use(self, name: str, te: float, unet: float) -> LoraUse:
         path = self.lora(name)
-        return LoraUse(name, str(path), file_sha256(path), a1111_hash(path)[:SHORT], te, unet)
+        if path not in self._hashes:
+            try:
+                read_weights(path)  # a damaged file is said to be one before A1111's hash reads its header
+                self._hashes[path] = (file_sha256(path), a1111_hash(path)[:SHORT])
+            except (OSError, CheckpointError) as e:
+                raise AddonError(f"LoRA {printable(name)!r}: {printable(str(e))}", "lora", name) from None
+        return LoraUse(name, str(path), *self._hashes[path], te, unet)
 
-    def _embeddings(self, text: str) -> tuple[EmbeddingUse, ...]:
-        """Embeddings that may trigger in `text`: those whose name, ignoring case and whitespace,
-        is part of it. Every token-level match (A1111's rule, applied at render) is one of these,
-        so the id covers every embedding the image can use."""
-        if text in self._triggered:
-            return self._triggered[text]
-        flat = _flat(text)
+    def _embeddings(self, pieces: tuple[str, ...]) -> tuple[EmbeddingUse, ...]:
+        """The embeddings that trigger in the text pieces (prompt-editing parts, emphasis runs), by
+        A1111's rule: the tokens of the embedding's name appear among a piece's tokens. Names found
+        as text first (ignoring case and whitespace: every token match is one), then by tokens,
+        with the model's tokenizer (`tokenize`: loaded only when some name is found as text)."""
+        if pieces in self._triggered:
+            return self._triggered[pieces]
+        flat = _flat("\n".join(pieces))
         uses = []
         for name, path in sorted(self.embedding_names().items()):
-            if _flat(name) and _flat(name) in flat:
+            if _flat(name) and _flat(name) in flat and self._in_tokens(name, pieces):
                 if path is None:
                     self._find(name, self.folders.embeddings, EMBEDDING_SUFFIXES, "embedding")  # raises: ambiguous
                     continue
-                uses.append(EmbeddingUse(name, str(path), file_sha256(path), file_sha256(path)[:SHORT]))
-        self._triggered[text] = tuple(uses)
-        return self._triggered[text]
+                try:
+                    sha = file_sha256(path)
+                except OSError as e:
+                    raise AddonError(f"embedding {printable(name)!r}: {printable(str(e))}", "embedding", name) from None
+                uses.append(EmbeddingUse(name, str(path), sha, sha[:SHORT]))
+        self._triggered[pieces] = tuple(uses)
+        return self._triggered[pieces]
+
+    def _in_tokens(self, name: str, pieces: tuple[str, ...]) -> bool:
+        if self.tokenize is None:
+            return True  # no tokenizer given: the text match stands (a superset of A1111's)
+        tokens = self._tokens
+        if "\0tokenizer" not in self._resolved:
+            self._resolved["\0tokenizer"] = self.tokenize()  # loaded once, when first needed
+        tokenize = self._resolved["\0tokenizer"]
+        for text in (name, *pieces):
+            if text not in tokens:
+                tokens[text] = tuple(tokenize(text))
+        wanted = tokens[name]
+        return bool(wanted) and any(
+            tokens[p][i : i + len(wanted)] == wanted for p in pieces for i in range(len(tokens[p]) - len(wanted) + 1)
+        )
 
 
 _SPACE = re.compile(r"\s+")
+
+
+def _pieces(text: str, steps: int, emphasis: str) -> list[str]:
+    """The runs of text the tokenizer sees one by one, as the pipeline cuts them: each prompt-editing
+    part, then each emphasis run (the whole part with emphasis `none`)."""
+    try:
+        parts = [part for _, part in prompt_schedule(text, max(1, steps))]
+    except ValueError:  # a prompt the recipe's rules refuse: its problem is reported there
+        parts = [text]
+    if emphasis == "none":
+        return parts
+    return [piece for part in parts for piece, weight in parse_attention(part) if weight != -1 or piece != "BREAK"]
 
 
 def _flat(text: str) -> str:

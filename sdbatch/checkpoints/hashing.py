@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..files import write_atomic
+from .read import CheckpointError
 
 
 def cache_dir() -> Path:
@@ -27,7 +28,10 @@ def addnet_sha256(path: str | Path) -> str:
     and the JSON header, so that editing a LoRA's metadata keeps its hash (`Lora hashes` uses it)."""
 
     def body(f: BinaryIO) -> BinaryIO:
-        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        header = int.from_bytes(f.read(8), "little")
+        if 8 + header > os.fstat(f.fileno()).st_size:
+            raise CheckpointError(f"{path}: not a safetensors file (its header length is past the end)")
+        f.seek(8 + header)
         return f
 
     return _cached(path, "addnet", body)
@@ -37,7 +41,7 @@ def _cached(path: str | Path, part: str, seek: Callable[[BinaryIO], BinaryIO]) -
     path = Path(path).resolve()
     stat = path.stat()
     name = str(path) if part == "file" else f"{path}#{part}"  # file hashes keep their old cache entries
-    entry = cache_dir() / "hashes" / (hashlib.sha1(name.encode()).hexdigest() + ".json")
+    entry = cache_dir() / "hashes" / (hashlib.sha1(os.fsencode(name)).hexdigest() + ".json")
     stamp = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     try:
         cached = json.loads(entry.read_text())

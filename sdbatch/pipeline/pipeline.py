@@ -28,7 +28,10 @@ from ..prompts import parse_attention, prompt_schedule
 from ..prompts.networks import strip_networks
 from ..recipe import EMPHASIS, Recipe
 from ..samplers import NoiseSchedule, get_sampler
-from ..tokenizer import Tokenizer, load_tokenizer
+from ..samplers.brownian import BrownianNoise
+from ..samplers.schedule import a1111_img2img
+from ..samplers.sigmas import sigma_to_t
+from ..tokenizer import COMMA_BACKTRACK, Tokenizer, load_tokenizer
 from . import start
 from .decode import tiled_decode, upcast
 from .guidance import GuidanceRows, Schedule
@@ -149,12 +152,13 @@ class Pipeline:
             self.unet = torch.compile(self.model.unet, dynamic=False, mode=mode)
         self.compile_seconds: dict[tuple, float] = {}  # batch shape -> first call (compile) time
         self.tokenizer = tokenizer
-        self.schedule = NoiseSchedule()
+        self.schedule = NoiseSchedule()  # diffusers' (float32), for the samplers planned as diffusers plans
+        self.ldm_schedule = NoiseSchedule.compvis()  # the checkpoints' own, for those planned as A1111
         self.latent_factor = 2 ** (len(model.config.vae.ch_mult) - 1)
         self.inpainting_model = model.config.unet.in_channels == 9
         self._prompts: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.merger = Merger(self.model)
-        self._merged: tuple = ()  # the LoRA set in the weights now: ((path, sha256, te, unet), ...)
+        self._merged: tuple | None = ()  # the LoRA set in the weights now: ((path, sha256, te, unet), ...)
         self._addon_files: dict[tuple[str, str], Any] = {}  # (path, sha256) -> LoraFile or Embedding
         self._lookups: dict[tuple[EmbeddingUse, ...], EmbeddingLookup] = {}
 
@@ -211,7 +215,9 @@ class Pipeline:
             ids = self.token_windows(text)
             return ids, torch.ones(ids.shape), [[] for _ in ids]
         pieces = [(text, 1.0)] if emphasis == "none" else parse_attention(text)
-        chunks = self.tokenizer.chunks(pieces, self.model.config.clip.max_positions - 2, embeddings=embeddings)
+        backtrack = 0 if emphasis == "none" else COMMA_BACKTRACK  # "none": plain windows, as 0.1.0 cut them
+        length = self.model.config.clip.max_positions - 2
+        chunks = self.tokenizer.chunks(pieces, length, backtrack, embeddings=embeddings)
         ids, weights = torch.tensor([c.ids for c in chunks]), torch.tensor([c.weights for c in chunks])
         return ids, weights, [c.fixes for c in chunks]
 
@@ -271,9 +277,10 @@ class Pipeline:
         files: list[tuple[LoraFile, float, float]] = [
             (self._addon_file(u, lambda p: read_lora(p, shapes, self.model.config.unet)), u.te, u.unet) for u in loras
         ]
+        self._merged = None  # until the merge succeeds (a failed one restores the plain weights)
+        self._prompts.clear()
         self.merger.apply(files)
         self._merged = key
-        self._prompts.clear()
 
     def _lookup(self, embeddings: tuple[EmbeddingUse, ...]) -> EmbeddingLookup | None:
         if not embeddings:
@@ -303,7 +310,11 @@ class Pipeline:
             )
         self.use_loras(requests[0].addons.loras)
         sampler = get_sampler(first.sampler)
-        plan = sampler.plan(self.schedule, first.steps, first.karras)
+        schedule = self.ldm_schedule if sampler.a1111_plan else self.schedule
+        plan = sampler.plan(schedule, first.steps, first.karras)
+        begin_at = None
+        if sampler.a1111_plan and first.strength is not None:
+            begin_at = a1111_img2img(first.steps, first.strength)[1]  # A1111's rule: t_enc + 1 steps
         shape = (4, first.height // self.latent_factor, first.width // self.latent_factor)
         gens = [torch.Generator().manual_seed(r.recipe.seed) for r in requests]
 
@@ -314,13 +325,18 @@ class Pipeline:
         draw = own if first.rng == "diffusers" else self._a1111_noise(requests, shape)
         # the VAE posterior's sample: in diffusers' order the first draw of the same generator; A1111
         # draws it from its global generator, which no seed reproduces: here the image's own generator
-        begin = self._start(requests, plan, draw, own)
+        begin = self._start(requests, plan, draw, own, begin_at)
         rows = GuidanceRows(
             [r.recipe.cfg for r in requests],
             [(self._schedule(r, strip_networks(r.recipe.prompt)), self._uncond(r)) for r in requests],
             self.device,
         )
-        x = sampler.sample(self._denoiser(rows, begin), begin.x, begin.plan.sigmas, draw, begin.after_step)
+        noise: Callable = draw
+        if sampler.brownian:  # noise(sigma, sigma_next): A1111's per-image Brownian trees, or plain draws
+            seeds = [r.recipe.seed for r in requests]
+            noise = BrownianNoise(begin.x, seeds, plan.sigmas) if first.rng != "diffusers" else lambda s, n: draw()
+        model = self._denoiser(rows, begin, schedule)
+        x = sampler.sample(model, begin.x, begin.plan.sigmas, noise, begin.after_step)
         return self._decode(requests, begin.plan.to_vp(x))
 
     def _schedule(self, request: Request, text: str) -> Schedule:
@@ -351,7 +367,12 @@ class Pipeline:
         return lambda: noise.next().to(self.device)
 
     def _start(
-        self, requests: Sequence[Request], plan, draw: Callable[[], torch.Tensor], own: Callable[[], torch.Tensor]
+        self,
+        requests: Sequence[Request],
+        plan,
+        draw: Callable[[], torch.Tensor],
+        own: Callable[[], torch.Tensor],
+        begin_at: int | None = None,
     ) -> start.Start:
         first = requests[0].recipe
         if first.mode == "txt2img" and not self.inpainting_model:
@@ -367,14 +388,14 @@ class Pipeline:
             return self._encode(pixels, own)
 
         if first.mode == "img2img" and not self.inpainting_model:
-            return start.from_image(plan, draw, encode(images), first.steps, first.strength)
+            return start.from_image(plan, draw, encode(images), first.steps, first.strength, begin_at)
         masks = torch.cat(
             [mask_tensor(r.mask, w, h) if r.mask is not None else torch.ones(1, 1, h, w) for r in requests]
         ).to(self.device)
         if self.inpainting_model:
             full = first.mode == "txt2img" or (first.mode == "inpaint" and first.strength == 1.0)
-            return start.inpaint_model(plan, draw, encode, images, masks, full, first.steps, first.strength)
-        return start.inpaint(plan, draw, encode, images, masks, first.steps, first.strength, own)
+            return start.inpaint_model(plan, draw, encode, images, masks, full, first.steps, first.strength, begin_at)
+        return start.inpaint(plan, draw, encode, images, masks, first.steps, first.strength, own, begin_at)
 
     def _encode(self, images: torch.Tensor, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Scaled latents sampled from the VAE posterior, one draw per image from its generator."""
@@ -393,16 +414,18 @@ class Pipeline:
         self.compile_seconds[key] = time.perf_counter() - began
         return out
 
-    def _denoiser(self, rows: GuidanceRows, begin: start.Start) -> Callable[[torch.Tensor, int], torch.Tensor]:
-        """denoised = model(x, i): the guided estimate of the clean latents at step i."""
+    def _denoiser(self, rows: GuidanceRows, begin: start.Start, schedule: NoiseSchedule) -> Callable[..., torch.Tensor]:
+        """denoised = model(x, i[, sigma]): the guided estimate of the clean latents at step i, at
+        the plan's sigma for that step, or at `sigma` (samplers that evaluate between steps; the
+        UNet is told the fractional timestep of that sigma, as k-diffusion tells it)."""
         plan, extra_channels = begin.plan, begin.extra_channels
 
-        def model(x: torch.Tensor, i: int) -> torch.Tensor:
-            sigma = plan.sigmas[i].to(self.device)
+        def model(x: torch.Tensor, i: int, at: torch.Tensor | None = None) -> torch.Tensor:
+            sigma = (plan.sigmas[i] if at is None else at).to(self.device)
             x_in = x / (sigma**2 + 1).sqrt()
             if extra_channels is not None:
                 x_in = torch.cat([x_in, extra_channels], dim=1)
-            t = plan.timesteps[i].to(self.device)
+            t = plan.timesteps[i].to(self.device) if at is None else sigma_to_t(schedule, sigma.float())
 
             def run(latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
                 return self._unet(self._layout(latents.to(self.dtype)), t.expand(len(latents)), context)

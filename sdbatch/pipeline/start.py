@@ -31,10 +31,12 @@ def from_noise(plan: StepPlan, draw: Draw) -> Start:
     return Start(draw() * plan.initial_noise_scale(), plan)
 
 
-def from_image(plan: StepPlan, draw: Draw, latents: torch.Tensor, steps: int, strength: float) -> Start:
+def from_image(
+    plan: StepPlan, draw: Draw, latents: torch.Tensor, steps: int, strength: float, begin_at: int | None = None
+) -> Start:
     """img2img: the encoded image noised to the step where the last int(steps * strength) begin."""
     noise = draw()
-    plan = plan.from_step(img2img_start(steps, strength))
+    plan = plan.from_step(_first(steps, strength, begin_at))
     return Start(latents + noise * plan.sigmas[0], plan)
 
 
@@ -47,6 +49,7 @@ def inpaint(
     steps: int,
     strength: float,
     posterior: Draw | None = None,
+    begin_at: int | None = None,
 ) -> Start:
     """A normal (4-channel) model repaints the white of the mask: after each step the known region
     is put back at the new noise level (exact, without noise, after the last step). `posterior`
@@ -56,7 +59,7 @@ def inpaint(
     if strength == 1.0:
         x = noise * plan.initial_noise_scale()
     else:
-        plan = plan.from_step(img2img_start(steps, strength))
+        plan = plan.from_step(_first(steps, strength, begin_at))
         x = latents + noise * plan.sigmas[0]
     small = F.interpolate(masks, size=tuple(x.shape[-2:]))
     # diffusers encodes the masked image for 4-channel models too and never uses it; its sample
@@ -73,7 +76,15 @@ def inpaint(
 
 
 def inpaint_model(
-    plan: StepPlan, draw: Draw, encode: Encode, images, masks, full: bool, steps: int, strength: float
+    plan: StepPlan,
+    draw: Draw,
+    encode: Encode,
+    images,
+    masks,
+    full: bool,
+    steps: int,
+    strength: float,
+    begin_at: int | None = None,
 ) -> Start:
     """A 9-channel inpainting model is told the mask and the masked image's latents as extra
     channels. `full`: start from pure noise (txt2img, where everything is to be painted, or
@@ -81,10 +92,16 @@ def inpaint_model(
     latents = None if full else encode(images)
     noise = draw()
     if not full:
-        plan = plan.from_step(img2img_start(steps, strength))
+        plan = plan.from_step(_first(steps, strength, begin_at))
         x = latents + noise * plan.sigmas[0]
     else:
         x = noise * plan.initial_noise_scale()
     small = F.interpolate(masks, size=tuple(x.shape[-2:]))
     extra_channels = torch.cat([small, encode(images * (masks < 0.5))], dim=1)
     return Start(x, plan, extra_channels)
+
+
+def _first(steps: int, strength: float, begin_at: int | None) -> int:
+    """The plan step img2img starts at: `begin_at` when the sampler's convention gives one (A1111's
+    rule for k-diffusion samplers, `samplers.schedule.a1111_img2img`), else diffusers' rule."""
+    return img2img_start(steps, strength) if begin_at is None else begin_at

@@ -18,6 +18,7 @@ TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111's re_extra_net
 LORA_KINDS = ("lora", "lyco")
 MAX_WEIGHT = 100.0  # |weight|; A1111 sets no bound, but beyond this any model's output is noise
 NAME_FORBIDDEN = set("/\\\0")  # a LoRA is named by its file's stem, never by a path
+TAG_FORBIDDEN = set(":<>=")  # would not survive being written as a <lora:name:w> tag
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ def name_problem(name: object) -> str | None:
         return f"{name!r} is a path; name a LoRA by its file name without extension (found in the loras folder)"
     if not name.isprintable():
         return f"{name!r} holds control characters"
+    if TAG_FORBIDDEN & set(name):
+        return f"{name!r}: a LoRA name cannot hold : < > or = (it could not be written as an A1111 tag)"
     return None
 
 

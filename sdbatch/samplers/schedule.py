@@ -7,15 +7,33 @@ name exactly (our test oracle), computed in numpy float64 as diffusers does, sto
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 # denoised = model(x, i): the model's estimate of the clean latent at step i of the plan
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class SigmaDenoiser(Protocol):
+    """A Denoiser that can also be evaluated between the plan's sigmas, as the k-diffusion samplers
+    (heun, dpm2, dpmpp_sde, ...) need: model(x, i, sigma) is the estimate at noise level `sigma` (a 0-d
+    tensor), its UNet timestep `sigmas.sigma_to_t(schedule, sigma)`; `i` stays the step being taken
+    (prompt editing picks its prompt by it). model(x, i) is the estimate at plan.sigmas[i], told the
+    plan's timestep (for the k-diffusion plans of sigmas.py, that same sigma_to_t)."""
+
+    def __call__(self, x: torch.Tensor, i: int, sigma: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
 # a fresh standard-normal tensor shaped like the latents, drawn from each image's own generator
 # (None for samplers that draw nothing)
 NoiseSource = Callable[[], torch.Tensor] | None
+# noise(sigma, sigma_next): k-diffusion's `noise_sampler`, a standard-normal tensor shaped like the
+# latents for the step from sigma to sigma_next. The SDE samplers (`Sampler.brownian`) take this form
+# instead of a NoiseSource, so that A1111's per-image Brownian tree (`brownian.BrownianNoise`) can drive
+# them; `lambda sigma, sigma_next: draw()` drives them with plain per-image draws.
+NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # x = after_step(i, x) once step i is done (inpainting puts the known region back there), or None
 AfterStep = Callable[[int, torch.Tensor], torch.Tensor] | None
 
@@ -29,6 +47,25 @@ class NoiseSchedule:
         self.sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # float32, t=0..999
         self.log_sigmas = np.log(self.sigmas)
         self.train_steps = train_steps
+
+    @classmethod
+    def compvis(cls, beta_start: float = 0.00085, beta_end: float = 0.012, train_steps: int = 1000) -> "NoiseSchedule":
+        """The schedule as the LDM code computes it (float64, stored as float32): the `alphas_cumprod`
+        buffer of SD 1.x checkpoints, which A1111's k-diffusion wrapper reads. Its sigmas differ from
+        the float32 ones above (diffusers') by up to 9e-6 relative: sigma_max 14.614642 vs 14.614647."""
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, train_steps, dtype=torch.float64) ** 2
+        return cls.from_alphas_cumprod(torch.from_numpy(np.cumprod(1.0 - betas.numpy())).float())
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> "NoiseSchedule":
+        """A schedule from given cumulative alphas (a checkpoint's own `alphas_cumprod`, say)."""
+        schedule = cls.__new__(cls)
+        schedule.alphas_cumprod = alphas_cumprod.float().cpu()
+        a = schedule.alphas_cumprod
+        schedule.sigmas = (((1 - a) / a) ** 0.5).numpy()
+        schedule.log_sigmas = np.log(schedule.sigmas)
+        schedule.train_steps = len(a)
+        return schedule
 
     def sigma_at(self, t: np.ndarray) -> np.ndarray:
         """Sigma at (fractional) timesteps, linearly interpolated (diffusers' default)."""
@@ -101,3 +138,28 @@ def img2img_start(steps: int, strength: float) -> int:
     """First step run for a given strength: the last int(steps * strength) steps are run, as in the
     seed's DDPM sampler and diffusers' img2img pipeline."""
     return steps - min(int(steps * strength), steps)
+
+
+def a1111_img2img(steps: int, strength: float, fixed_steps: int | None = None) -> tuple[int, int]:
+    """(steps of the schedule, first step run) of A1111's img2img with a k-diffusion sampler
+    (`setup_img2img_steps`, then `sigmas[steps - t_enc - 1:]`, noise * that first sigma added to the
+    image): t_enc = int(min(strength, 0.999) * steps), and the last t_enc + 1 steps of a `steps`
+    schedule are run: 16 of 20 at strength 0.75 (`img2img_start`: 15), all 20 at 1.0.
+    `fixed_steps` (hires fix's second pass, given `Hires steps` or else the steps; also img2img under
+    A1111's "img2img_fix_steps" option) runs exactly that many, of a schedule of
+    int(fixed_steps / min(strength, 0.999)) steps."""
+    if fixed_steps is None:
+        return steps, steps - int(min(strength, 0.999) * steps) - 1
+    if strength <= 0:
+        raise ValueError(f"strength must be above 0, got {strength}")
+    total = int(fixed_steps / min(strength, 0.999))
+    return total, total - fixed_steps
+
+
+def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """(sigma_down, sigma_up): an ancestral step goes deterministically down to sigma_down, then adds
+    noise * sigma_up, so that the noise level is sigma_next again (k-diffusion's `get_ancestral_step`)."""
+    if not eta:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
