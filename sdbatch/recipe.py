@@ -25,7 +25,7 @@ from .errors import InputError
 from .output.a1111 import format_infotext, number_text, parse_infotext
 from .prompts import prompt_problem
 from .prompts.networks import LoraTag, lora_tags, name_problem, strip_networks, weight_problem
-from .samplers import SAMPLER_NAMES, SAMPLERS
+from .samplers import DIFFUSERS_ONLY, SAMPLER_NAMES, SAMPLERS, SCHEDULE_LABELS
 from .text import text_problem
 
 MAX_SIDE = 8192
@@ -55,7 +55,9 @@ class Recipe:
     mask: str | None = param(None, "inpainting: white = repaint (a path); needs init_image", file=True)
     size: tuple[int, int] = param((512, 512), "(width, height) in pixels, multiples of 8")
     sampler: str = param("euler_a", "sampler name (sdbatch.samplers)")
-    karras: bool = param(False, "Karras sigmas instead of the sampler's own schedule")
+    karras: bool = param(False, "Karras sigmas instead of the sampler's own schedule (= schedule: karras)")
+    schedule: str = param("automatic", "A1111's schedule type: automatic (the sampler's own), uniform, karras, ...")
+    compat: str = param("diffusers", "whose conventions: diffusers (its schedulers' timesteps) or a1111 (its sigmas)")
     steps: int = param(30, "sampler steps (img2img runs the last int(steps * strength))")
     strength: float | None = param(None, "img2img / inpainting: how much of the schedule is re-run; None for txt2img")
     cfg: float = param(7.5, "classifier-free guidance scale (1 = no guidance, no uncond row)")
@@ -84,7 +86,15 @@ class Recipe:
         """Recipes with equal keys share every UNet call; prompts, seeds and CFG may differ (the
         LoRAs may not: they are merged into the weights every image of a batch goes through)."""
         noise = (self.rng, self.ensd)  # one noise source per batch
-        return (self.steps, self.sampler, self.karras, self.size, self.mode, self.strength, self.loras(), noise)
+        plan = (self.steps, self.sampler, self.karras, self.schedule, self.compat)
+        return (*plan, self.size, self.mode, self.strength, self.loras(), noise)
+
+    @property
+    def a1111_sigmas(self) -> bool:
+        """Planned as A1111 plans (its sigmas, its img2img rule): the k-diffusion samplers always,
+        the others under `compat: a1111` or with a schedule type of their own."""
+        sampler = SAMPLERS.get(self.sampler)
+        return bool(sampler and sampler.a1111_plan) or self.compat == "a1111" or self.schedule != "automatic"
 
     def loras(self) -> tuple[tuple[str, float, float], ...]:
         """Every LoRA this image merges: the prompt's `<lora:...>` tags first (in A1111's order),
@@ -102,6 +112,11 @@ class Recipe:
                 yield f.name, message
         if self.karras and self.sampler in SAMPLERS and not SAMPLERS[self.sampler].karras:
             yield "karras", f"karras does not apply to {self.sampler} (fixed timesteps)"
+        if self.karras and self.schedule not in ("automatic", "karras"):
+            yield "schedule", f"karras: true is schedule: karras; it cannot be combined with schedule: {self.schedule}"
+        if self.sampler in DIFFUSERS_ONLY and (self.schedule != "automatic" or self.compat == "a1111"):
+            field = "schedule" if self.schedule != "automatic" else "compat"
+            yield field, f"{self.sampler} walks diffusers' fixed timesteps: no A1111 schedule or compat for it yet"
         limit = SAMPLERS[self.sampler].max_steps if self.sampler in SAMPLERS else 1000
         if isinstance(self.steps, int) and self.steps > limit:
             yield "steps", f"{self.sampler} takes at most {limit} steps (its timestep grid), got {self.steps}"
@@ -191,7 +206,9 @@ class Recipe:
         before CLIP sees the text, so A1111 renders the same picture from it."""
         pairs: dict[str, Any] = {}
         for name, (key, write, _) in A1111_KEYS.items():
-            pairs[key] = write(getattr(self, name))
+            value = write(getattr(self, name))
+            if value is not None or key not in pairs:  # karras and schedule share `Schedule type`
+                pairs[key] = value
             if key == "Size":
                 pairs |= model
         pairs |= extra or {}
@@ -221,8 +238,10 @@ def a1111_values(text: str, where: str = "") -> dict[str, Any]:
     for required in ("Steps", "Sampler", "CFG scale", "Seed", "Size"):
         if required not in pairs:
             raise RecipeError(f"{where}the A1111 parameters lack {required}")
-    if "RNG" not in pairs and not str(pairs.get("Version", "")).startswith("sdbatch"):
-        values["rng"] = "a1111"  # A1111 writes no RNG key for its default, the GPU's noise
+    if not str(pairs.get("Version", "")).startswith("sdbatch"):  # A1111's own text: its conventions
+        values["compat"] = "a1111"
+        if "RNG" not in pairs:
+            values["rng"] = "a1111"  # A1111 writes no RNG key for its default, the GPU's noise
     for key, raw in pairs.items():
         if key in _READERS:
             try:
@@ -314,6 +333,10 @@ EMPHASIS = {"original": "Original", "no-norm": "No norm", "none": "None", "comfy
 RNG = {"diffusers": "diffusers", "a1111": "NV", "a1111-cpu": "CPU"}  # -> A1111's `RNG:` value
 
 
+def _choice(known: Any, what: str) -> Callable[[Any], str | None]:
+    return lambda value: None if value in known else f"unknown {what} {value!r} (known: {', '.join(known)})"
+
+
 def _rng(value: Any) -> str | None:
     return None if value in RNG else f"unknown rng {value!r} (known: {', '.join(RNG)})"
 
@@ -348,6 +371,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "size": _size,
     "sampler": _sampler,
     "karras": _flag,
+    "schedule": _choice(SCHEDULE_LABELS, "schedule type"),
+    "compat": _choice(("diffusers", "a1111"), "compat"),
     "steps": _whole(1, 1000, "from 1 to 1000"),
     "strength": _strength,
     "cfg": _real(0.0, 100.0, "from 0 to 100"),
@@ -401,9 +426,12 @@ def _read_sampler(text: str) -> dict[str, Any]:
 
 
 def _read_schedule(text: str) -> dict[str, Any]:
-    if text not in ("Karras", "Automatic"):
-        raise ValueError("only Karras and Automatic (the sampler's own schedule) are supported yet")
-    return {"karras": True} if text == "Karras" else {}
+    """A1111 1.9+'s `Schedule type`: Karras is read as `karras: true` (as sdbatch writes it)."""
+    names = {label.lower(): name for name, label in SCHEDULE_LABELS.items()}
+    name = names.get(text.strip().lower())
+    if name is None:
+        raise ValueError(f"unknown schedule type (known: {', '.join(SCHEDULE_LABELS.values())})")
+    return {"karras": True} if name == "karras" else {} if name == "automatic" else {"schedule": name}
 
 
 def _read_size(text: str) -> dict[str, Any]:
@@ -442,6 +470,9 @@ A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str,
     "steps": ("Steps", lambda v: v, _read_whole("steps")),
     "sampler": ("Sampler", lambda v: SAMPLERS[v].a1111, _read_sampler),
     "karras": ("Schedule type", lambda v: "Karras" if v else None, _read_schedule),
+    "schedule": ("Schedule type", lambda v: None if v == "automatic" else SCHEDULE_LABELS[v], _read_schedule),
+    # not an A1111 key: written when a1111, so that sdbatch reads its own text back (A1111 ignores it)
+    "compat": ("Compat", lambda v: None if v == "diffusers" else v, lambda text: {"compat": text.strip().lower()}),
     "cfg": ("CFG scale", number_text, _read_real("cfg")),
     "seed": ("Seed", lambda v: v, _read_whole("seed")),
     "size": ("Size", lambda v: f"{v[0]}x{v[1]}", _read_size),

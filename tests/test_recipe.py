@@ -38,6 +38,8 @@ CASES = {
     "sampler": ({"sampler": "DPM++ 2M"}, "dpmpp_2m"),
     "karras": ({"sampler": "euler", "karras": True}, True),
     "steps": ({"steps": 7}, 7),
+    "schedule": ({"schedule": "SGM Uniform"}, "sgm_uniform"),  # A1111's label accepted
+    "compat": ({"compat": "a1111"}, "a1111"),
     "strength": ({"init_image": IMAGE, "strength": 0.4}, 0.4),
     "cfg": ({"cfg": 3.5}, 3.5),
     "rng": ({"rng": "NV"}, "a1111"),  # A1111's name accepted

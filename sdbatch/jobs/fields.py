@@ -295,6 +295,13 @@ def _weights(name: str, weight: Any, ctx: Context) -> list[float]:
         raise ValueError(f"{name}: {e}") from None
 
 
+def _word(item: Any, ctx: Context) -> list:
+    """A name from a small set, in any case, spaces as `_` (A1111's `SGM Uniform` is sgm_uniform)."""
+    if not isinstance(item, str):
+        raise ValueError(f"must be a name, got {show(item)}")
+    return [item.strip().lower().replace(" ", "_").replace("-", "_")]
+
+
 def _rng(item: Any, ctx: Context) -> list:
     """`diffusers`, `a1111` (A1111's GPU noise; A1111's names GPU and NV too), `a1111-cpu` (CPU)."""
     if not isinstance(item, str):
@@ -318,6 +325,8 @@ PARSERS: dict[str, Callable[[Any, Context], list]] = {
     "size": _size,
     "sampler": _sampler,
     "karras": _flag,
+    "schedule": _word,
+    "compat": _word,
     "steps": _numbers(True),
     "strength": _numbers(False),
     "cfg": _numbers(False),

@@ -477,6 +477,8 @@ def _parse_run(check: _Checker, index: int, block: LineDict, defaults: LineDict,
             sources[key] = Source(check.name, line, label)
     if len(check.problems) > before:
         return None
+    if values["compat"] == ["a1111"] and "rng" not in block and "rng" not in defaults:
+        values["rng"] = ["a1111"]  # one line makes a run A1111's: its noise too, unless rng says otherwise
     options = {key: values.pop(key)[0] for key in RUN_OPTIONS}
     return Run(index, values, sources, batch_size=options["batch_size"])
 

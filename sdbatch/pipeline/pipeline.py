@@ -29,8 +29,8 @@ from ..prompts.networks import strip_networks
 from ..recipe import EMPHASIS, Recipe
 from ..samplers import NoiseSchedule, get_sampler
 from ..samplers.brownian import BrownianNoise
-from ..samplers.schedule import a1111_img2img
-from ..samplers.sigmas import sigma_to_t
+from ..samplers.schedule import StepPlan, a1111_img2img
+from ..samplers.sigmas import DISCARD_NEXT_TO_LAST, a1111_plan, automatic_plan, sigma_to_t
 from ..tokenizer import COMMA_BACKTRACK, Tokenizer, load_tokenizer
 from . import start
 from .decode import tiled_decode, upcast
@@ -310,10 +310,9 @@ class Pipeline:
             )
         self.use_loras(requests[0].addons.loras)
         sampler = get_sampler(first.sampler)
-        schedule = self.ldm_schedule if sampler.a1111_plan else self.schedule
-        plan = sampler.plan(schedule, first.steps, first.karras)
+        schedule, plan = self._plan(first)
         begin_at = None
-        if sampler.a1111_plan and first.strength is not None:
+        if first.a1111_sigmas and first.strength is not None:
             begin_at = a1111_img2img(first.steps, first.strength)[1]  # A1111's rule: t_enc + 1 steps
         shape = (4, first.height // self.latent_factor, first.width // self.latent_factor)
         gens = [torch.Generator().manual_seed(r.recipe.seed) for r in requests]
@@ -348,6 +347,19 @@ class Pipeline:
 
     def _uncond(self, request: Request) -> Schedule | None:
         return None if request.recipe.cfg == 1 else self._schedule(request, request.recipe.negative)
+
+    def _plan(self, recipe: Recipe) -> tuple[NoiseSchedule, StepPlan]:
+        """The noise schedule and step plan: as diffusers' scheduler for the sampler plans it, or, for
+        the k-diffusion samplers, `compat: a1111` and a schedule type, as A1111 plans it (its
+        sigmas of the checkpoints' own noise schedule, the timesteps k-diffusion gives the UNet)."""
+        sampler = get_sampler(recipe.sampler)
+        if not recipe.a1111_sigmas:
+            return self.schedule, sampler.plan(self.schedule, recipe.steps, recipe.karras)
+        kind = "karras" if recipe.karras else recipe.schedule
+        if kind == "automatic":
+            return self.ldm_schedule, automatic_plan(self.ldm_schedule, recipe.steps, sampler.a1111)
+        discard = sampler.a1111 in DISCARD_NEXT_TO_LAST
+        return self.ldm_schedule, a1111_plan(self.ldm_schedule, recipe.steps, kind, discard)
 
     def _a1111_noise(self, requests: Sequence[Request], shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
         """A1111's noise for the batch (`noise.a1111.ImageNoise`): the first draw is the initial

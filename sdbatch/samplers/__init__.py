@@ -127,6 +127,23 @@ SAMPLERS: dict[str, Sampler] = {
         ),
     )
 }
+# A1111's schedule types (`Schedule type:`): our name -> A1111's label; "automatic" is each sampler's own
+SCHEDULE_LABELS = {
+    "automatic": "Automatic",
+    "uniform": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "polyexponential": "Polyexponential",
+    "sgm_uniform": "SGM Uniform",
+    "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps",
+    "simple": "Simple",
+    "normal": "Normal",
+    "ddim": "DDIM",
+    "beta": "Beta",
+}
+# the samplers that walk fixed timesteps as diffusers' schedulers do, with no A1111 counterpart here
+DIFFUSERS_ONLY = frozenset(("ddpm", "ddim", "lcm"))
 # the k-diffusion samplers of the table
 A1111_PLANNED = frozenset(
     ("lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
