@@ -341,6 +341,34 @@ def rerun(
     _say(f"wrote {path}")
 
 
+@app.command(name="import")
+def import_(
+    source: Annotated[Path, typer.Argument(help="An A1111/civitai PNG, or a text file with its parameters.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the job here (default: print it).")
+    ] = None,
+    lenient: Annotated[
+        bool, typer.Option("--lenient", help="Write what cannot be reproduced as comments instead of failing.")
+    ] = False,
+) -> None:
+    """Write a job file that renders an A1111 image again (then edit it into a sweep). Exit 2 naming
+    every field sdbatch cannot reproduce, unless --lenient."""
+    from .importer import import_job
+
+    with _guard():
+        text, warnings = import_job(source, lenient)
+        if output is not None:
+            from .files import write_atomic
+
+            write_atomic(output, text.encode())
+    for warning in warnings:
+        print(printable(f"warning: {warning}"), file=sys.stderr)
+    if output is None:
+        print(text, end="")
+    else:
+        _say(f"wrote {printable(str(output))}")
+
+
 @app.command()
 def sheets(folder: Annotated[Path, typer.Argument(help="An output folder with a manifest.")]) -> None:
     """(Re)build the contact sheets of an output folder, e.g. after all shards of a job are done."""

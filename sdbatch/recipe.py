@@ -227,14 +227,16 @@ class Recipe:
         return cls(**values).check(where)
 
 
-def a1111_values(text: str, where: str = "") -> dict[str, Any]:
+def a1111_values(text: str, where: str = "", lenient: bool = False) -> dict[str, Any]:
     """Recipe field values from an A1111 infotext, through `A1111_KEYS`; RecipeError naming every
-    key that would change the picture and has no field yet, or a value that does not parse."""
+    key that would change the picture and has no field yet, or a value that does not parse. With
+    `lenient`, such keys are left out instead and listed under the key "unreproduced" (key: value)."""
     prompt, negative, pairs = parse_infotext(text)
     values: dict[str, Any] = {"prompt": prompt, "negative": negative}
     unknown = [k for k in pairs if k not in _READERS and k not in A1111_IGNORED and k not in A1111_ADDON_KEYS]
-    if unknown:
+    if unknown and not lenient:
         raise RecipeError(f"{where}sdbatch cannot reproduce these A1111 fields yet: {', '.join(unknown)}")
+    dropped = {k: pairs.pop(k) for k in unknown}
     for required in ("Steps", "Sampler", "CFG scale", "Seed", "Size"):
         if required not in pairs:
             raise RecipeError(f"{where}the A1111 parameters lack {required}")
@@ -247,7 +249,11 @@ def a1111_values(text: str, where: str = "") -> dict[str, Any]:
             try:
                 values |= _READERS[key](raw)
             except (TypeError, ValueError) as e:
-                raise RecipeError(f"{where}{key}: {raw!r}: {e}") from None
+                if not lenient:
+                    raise RecipeError(f"{where}{key}: {raw!r}: {e}") from None
+                dropped[key] = raw
+    if lenient:
+        values["unreproduced"] = dropped
     return values
 
 
