@@ -37,8 +37,8 @@ def record_steps(monkeypatch, pipe: Pipeline) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     original = pipe._start
 
-    def start(requests, plan, draw):
-        begin = original(requests, plan, draw)
+    def start(requests, plan, draw, *rest):
+        begin = original(requests, plan, draw, *rest)
         inner = begin.after_step
 
         def after_step(i, x):
