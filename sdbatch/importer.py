@@ -78,7 +78,7 @@ def import_job(source: Path, lenient: bool = False) -> tuple[str, list[str]]:
             raise InputError(f"{shown}: {model_note}")
         notes.append(model_note)
     if model is not None:
-        notes += _check_addons(recipe, source, shown, model, lenient)
+        notes += _check_addons(recipe, text, shown, model, lenient)
     if dropped and not lenient:
         raise InputError(f"{shown}: sdbatch cannot reproduce these A1111 fields yet: {', '.join(dropped)}")
     warnings = [f"not reproduced: {k}: {v}" for k, v in dropped.items()] + notes
@@ -130,36 +130,17 @@ def _a1111_hash(path: Path, length: int) -> str:
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
-def _check_addons(recipe: Recipe, source: Path, shown: str, model: str, lenient: bool) -> list[str]:
+def _check_addons(recipe: Recipe, text: str, shown: str, model: str, lenient: bool) -> list[str]:
     from .plan import ModelInfo
-    from .rerun import _a1111_hashes, find_addons
+    from .rerun import addon_hashes, find_addons
 
     try:
-        find_addons(
-            recipe,
-            {},
-            _a1111_hashes(source, {}) if source.suffix.lower() == ".png" else _hashes(source),
-            shown,
-            False,
-            ModelInfo.of(model),
-        )
+        find_addons(recipe, {}, addon_hashes(text), shown, False, ModelInfo.of(model))
     except InputError as e:
         if not lenient:
             raise
         return [str(e).removeprefix(f"{shown}: ")]
     return []
-
-
-def _hashes(source: Path) -> dict[str, dict[str, str]]:
-    """`Lora hashes` / `TI hashes` of a text file's infotext (`rerun` reads them from a PNG)."""
-    _, _, pairs = parse_infotext(source.read_text(encoding="utf-8"))
-    out: dict[str, dict[str, str]] = {}
-    for kind, key in (("lora", "Lora hashes"), ("embedding", "TI hashes")):
-        for item in str(pairs.get(key, "")).split(","):
-            name, _, short = item.strip().rpartition(":")
-            if name.strip() and short.strip():
-                out.setdefault(kind, {})[name.strip()] = short.strip().lower()
-    return out
 
 
 def _yaml(source: Path, recipe: Recipe, model: str, warnings: list[str]) -> str:

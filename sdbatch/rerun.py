@@ -124,7 +124,12 @@ def _a1111_hashes(image: Path, meta: dict[str, Any]) -> dict[str, dict[str, str]
     """An A1111 image's `Lora hashes` and `TI hashes` as {"lora": {name: hash}, "embedding": ...}."""
     if meta:
         return {}
-    _, _, pairs = parse_infotext(read_png_text(image).get("parameters", ""))
+    return addon_hashes(read_png_text(image).get("parameters", ""))
+
+
+def addon_hashes(infotext: str) -> dict[str, dict[str, str]]:
+    """An infotext's `Lora hashes` and `TI hashes` as {"lora": {name: hash}, "embedding": ...}."""
+    _, _, pairs = parse_infotext(infotext)
     out: dict[str, dict[str, str]] = {}
     for kind, key in (("lora", "Lora hashes"), ("embedding", "TI hashes")):
         for item in str(pairs.get(key, "")).split(","):

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import torch
 
+from . import SCHEDULE_LABELS
 from .schedule import NoiseSchedule, StepPlan
 
 
@@ -195,19 +196,7 @@ SCHEDULES = {
     "beta": beta,
 }
 # A1111's labels (infotext `Schedule type: ...`); "Automatic" is not written to the infotext
-LABELS = {
-    "uniform": "Uniform",
-    "karras": "Karras",
-    "exponential": "Exponential",
-    "polyexponential": "Polyexponential",
-    "sgm_uniform": "SGM Uniform",
-    "kl_optimal": "KL Optimal",
-    "align_your_steps": "Align Your Steps",
-    "simple": "Simple",
-    "normal": "Normal",
-    "ddim": "DDIM",
-    "beta": "Beta",
-}
+LABELS = {name: label for name, label in SCHEDULE_LABELS.items() if name != "automatic"}
 
 # "Automatic": A1111 1.10's `scheduler` option of each k-diffusion sampler (`samplers_k_diffusion`), by
 # its A1111 name; those without one use the model's discrete sigmas, i.e. "uniform"
