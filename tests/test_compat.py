@@ -116,3 +116,19 @@ def test_a1111_planned_images_differ_from_diffusers_planned_ones(pipe):
     a = np.asarray(pipe.render([Request(recipe(sampler="dpmpp_2m"))])[0].image).astype(int)
     b = np.asarray(pipe.render([Request(recipe(sampler="dpmpp_2m", compat="a1111"))])[0].image).astype(int)
     assert np.abs(a - b).mean() > 0.5
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm2", "dpmpp_2s_a"])
+def test_second_order_samplers_switch_prompts_by_model_call_as_a1111_counts(pipe, monkeypatch, sampler):
+    """A1111 builds the prompt schedule over 2 x steps for its second-order samplers and advances it
+    at every model call (CFGDenoiser.step): `[a:b:3]` at 4 steps switches after the 4th call, not
+    after the 4th step. With cfg 1 there is one UNet row per call."""
+    seen: list[torch.Tensor] = []
+    unet = pipe.unet
+    monkeypatch.setattr(pipe, "unet", lambda x, t, context: seen.append(context) or unet(x, t, context))
+    r = recipe(sampler=sampler, steps=4, cfg=1.0, prompt="[a red circle:a blue square:3]")
+    assert pipe.render([Request(r)])[0].ok
+    first, second = (pipe.encode_prompt(p) for p in ("a red circle", "a blue square"))
+    names = ["first" if torch.equal(c, first) else "second" if torch.equal(c, second) else "?" for c in seen]
+    # calls 0..3 are A1111's steps <= 3 of 8; every later call is the second prompt
+    assert names[:4] == ["first"] * 4 and set(names[4:]) == {"second"}, names

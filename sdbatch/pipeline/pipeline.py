@@ -325,28 +325,31 @@ class Pipeline:
         # the VAE posterior's sample: in diffusers' order the first draw of the same generator; A1111
         # draws it from its global generator, which no seed reproduces: here the image's own generator
         begin = self._start(requests, plan, draw, own, begin_at)
+        # A1111 counts prompt-editing steps per model call, over 2 x steps for its second-order samplers
+        calls = 2 if sampler.second_order and first.a1111_sigmas else 1
         rows = GuidanceRows(
             [r.recipe.cfg for r in requests],
-            [(self._schedule(r, strip_networks(r.recipe.prompt)), self._uncond(r)) for r in requests],
+            [(self._schedule(r, strip_networks(r.recipe.prompt), calls), self._uncond(r, calls)) for r in requests],
             self.device,
         )
         noise: Callable = draw
         if sampler.brownian:  # noise(sigma, sigma_next): A1111's per-image Brownian trees, or plain draws
             seeds = [r.recipe.seed for r in requests]
             noise = BrownianNoise(begin.x, seeds, plan.sigmas) if first.rng != "diffusers" else lambda s, n: draw()
-        model = self._denoiser(rows, begin, schedule)
+        model = self._denoiser(rows, begin, schedule, count_calls=calls > 1)
         x = sampler.sample(model, begin.x, begin.plan.sigmas, noise, begin.after_step)
         return self._decode(requests, begin.plan.to_vp(x))
 
-    def _schedule(self, request: Request, text: str) -> Schedule:
+    def _schedule(self, request: Request, text: str, calls: int = 1) -> Schedule:
         """The prompt's contexts over the recipe's steps: (end step, context) per stretch of prompt
         editing (A1111's `[from:to:when]`, `[a|b]`); one entry for a prompt without editing. As in
         A1111, an img2img run of the last n of `steps` walks the schedule of all `steps` from its start."""
         recipe, embeddings = request.recipe, request.addons.embeddings
-        return [(end, self._context(recipe, part, embeddings)) for end, part in prompt_schedule(text, recipe.steps)]
+        steps = recipe.steps * calls  # `calls`: model calls per step, as A1111 counts them
+        return [(end, self._context(recipe, part, embeddings)) for end, part in prompt_schedule(text, steps)]
 
-    def _uncond(self, request: Request) -> Schedule | None:
-        return None if request.recipe.cfg == 1 else self._schedule(request, request.recipe.negative)
+    def _uncond(self, request: Request, calls: int = 1) -> Schedule | None:
+        return None if request.recipe.cfg == 1 else self._schedule(request, request.recipe.negative, calls)
 
     def _plan(self, recipe: Recipe) -> tuple[NoiseSchedule, StepPlan]:
         """The noise schedule and step plan: as diffusers' scheduler for the sampler plans it, or, for
@@ -426,11 +429,16 @@ class Pipeline:
         self.compile_seconds[key] = time.perf_counter() - began
         return out
 
-    def _denoiser(self, rows: GuidanceRows, begin: start.Start, schedule: NoiseSchedule) -> Callable[..., torch.Tensor]:
+    def _denoiser(
+        self, rows: GuidanceRows, begin: start.Start, schedule: NoiseSchedule, count_calls: bool = False
+    ) -> Callable[..., torch.Tensor]:
         """denoised = model(x, i[, sigma]): the guided estimate of the clean latents at step i, at
         the plan's sigma for that step, or at `sigma` (samplers that evaluate between steps; the
-        UNet is told the fractional timestep of that sigma, as k-diffusion tells it)."""
+        UNet is told the fractional timestep of that sigma, as k-diffusion tells it). With
+        `count_calls`, prompt editing follows the number of model calls so far, as A1111's
+        CFGDenoiser counts them, instead of the step."""
         plan, extra_channels = begin.plan, begin.extra_channels
+        made = [0]  # model calls so far
 
         def model(x: torch.Tensor, i: int, at: torch.Tensor | None = None) -> torch.Tensor:
             sigma = (plan.sigmas[i] if at is None else at).to(self.device)
@@ -442,7 +450,9 @@ class Pipeline:
             def run(latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
                 return self._unet(self._layout(latents.to(self.dtype)), t.expand(len(latents)), context)
 
-            return x - sigma * rows.eps(x, x_in, run, i)
+            step = made[0] if count_calls else i
+            made[0] += 1
+            return x - sigma * rows.eps(x, x_in, run, step)
 
         return model
 
