@@ -320,3 +320,29 @@ def test_a_failed_merge_leaves_the_plain_model_and_is_not_taken_for_merged(monke
     monkeypatch.setattr(merge.Merger, "_merge", real)
     pipe.use_loras(uses)  # must merge now, not believe it merged already
     assert not all(torch.equal(v, original[k]) for k, v in pipe.model.state_dict().items())
+
+
+def test_appended_bytes_and_nan_embeddings_are_refused_at_validate_time(addons):
+    (addons / "loras" / "tail.safetensors").write_bytes(LORA.read_bytes() + b"\0" * 8)
+    with pytest.raises(JobError, match=r"job.yaml:6: prompt: LoRA 'tail': .*8 bytes after its last tensor"):
+        plan_job(load_job(write_job(addons, f"prompt: {PROMPT} <lora:tail:1>\n")))
+    save_file({"emb_params": torch.full((1, 128), float("nan"))}, addons / "embeddings" / "nanny.safetensors")
+    with pytest.raises(JobError, match=r"job.yaml:6: prompt: embedding 'nanny'.*NaN"):
+        plan_job(load_job(write_job(addons, "prompt: a nanny circle\n")))
+
+
+def test_a_lora_is_read_whole_so_a_file_rewritten_during_the_run_changes_nothing(tmp_path):
+    lora = tmp_path / "demo-warp.safetensors"
+    lora.write_bytes(LORA.read_bytes())
+    library = Library(Folders.of(tmp_path))
+    recipe = Recipe(prompt=PROMPT, size=(32, 32), steps=2, lora=(("demo-warp", 0.5, 0.5),))
+    uses = library.addons(recipe.loras(), PROMPT, "").loras
+    pipe = Pipeline.from_file("demo")
+    pipe.use_loras(uses)
+    merged = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    data = bytearray(lora.read_bytes())
+    data[-64:] = b"\x11" * 64  # rewritten in place, same size
+    lora.write_bytes(bytes(data))
+    pipe.use_loras(())
+    pipe.use_loras(uses)  # the same set again: merged from what was read and hashed, not from the new bytes
+    assert all(torch.equal(v, merged[k]) for k, v in pipe.model.state_dict().items())

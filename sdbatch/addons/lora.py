@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +129,23 @@ class LoraFile:
     patches: dict[str, Patch]  # by our weight key
     metadata: dict[str, str]
     skipped: tuple[str, ...] = ()  # keys not merged: textual-inversion embeddings bundled in the file
+
+    def loaded(self) -> "LoraFile":
+        """The same LoRA with every tensor read into memory now and checked to be finite, so that
+        what is merged is what was hashed (a file rewritten in place later changes nothing), and a
+        damaged file is refused naming its layer rather than giving NaN images."""
+        import torch
+
+        patches = {}
+        for key, patch in self.patches.items():
+            tensors = {}
+            for part, ref in patch.tensors.items():
+                tensor = ref.load().clone()  # a copy: a memory-mapped tensor would follow the file
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise LoraError(f"{self.path}: {patch.name}.{part} holds NaN or infinite values")
+                tensors[part] = TensorRef(ref.shape, lambda t=tensor: t)
+            patches[key] = replace(patch, tensors=tensors)
+        return replace(self, patches=patches)
 
 
 def read_lora(path: str | Path, shapes: Mapping[str, tuple[int, ...]], unet_config: UNetConfig) -> LoraFile:

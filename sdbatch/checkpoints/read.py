@@ -105,6 +105,11 @@ def _read_safetensors(path: Path, head: bytes, size: int) -> WeightsFile:
             f"{path}: truncated safetensors file (its tensors need {8 + header_len + end} bytes, the file has "
             f"{size}); download it again"
         )
+    if 8 + header_len + end < size:  # safetensors itself refuses such a file when its tensors are read
+        raise CheckpointError(
+            f"{path}: damaged safetensors file ({size - 8 - header_len - end} bytes after its last tensor); "
+            "download it again"
+        )
     opened: list = []  # the memory map, opened (with torch) on the first tensor read
 
     def load(key: str) -> Any:

@@ -261,9 +261,11 @@ class Pipeline:
         """A LoRA or embedding file, read once; refused if it is not the file the plan hashed."""
         key = (use.path, use.sha256)
         if key not in self._addon_files:
-            if file_sha256(use.path) != use.sha256:
-                raise RequestError(f"{use.name}: {use.path} changed since the job was planned; plan it again")
-            self._addon_files[key] = read(use.path)
+            for _ in ("before", "after"):  # reading it: the hash is cached by size and mtime, so cheap
+                if file_sha256(use.path) != use.sha256:
+                    raise RequestError(f"{use.name}: {use.path} changed since the job was planned; plan it again")
+                if key not in self._addon_files:
+                    self._addon_files[key] = read(use.path)  # read whole: later changes to the file do not matter
         return self._addon_files[key]
 
     def use_loras(self, loras: Sequence[LoraUse]) -> None:
@@ -275,7 +277,8 @@ class Pipeline:
             return
         shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         files: list[tuple[LoraFile, float, float]] = [
-            (self._addon_file(u, lambda p: read_lora(p, shapes, self.model.config.unet)), u.te, u.unet) for u in loras
+            (self._addon_file(u, lambda p: read_lora(p, shapes, self.model.config.unet).loaded()), u.te, u.unet)
+            for u in loras
         ]
         self._merged = None  # until the merge succeeds (a failed one restores the plain weights)
         self._prompts.clear()
