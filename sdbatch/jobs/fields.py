@@ -73,6 +73,7 @@ class Context:
     base: Path
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     wildcards: Path | None = None  # the job's `wildcards:` folder (else weights/wildcards)
+    folders_used: bool = False  # some init_image came from {folder: ...}: file names keep the source
 
 
 def show(value: Any, limit: int = 60) -> str:
@@ -160,20 +161,64 @@ def _prompt_file(item: dict, ctx: Context) -> list[str]:
     return prompts
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
 def _image(item: Any, ctx: Context) -> list:
     if item is None:
         return [None]
+    if isinstance(item, dict):
+        return _image_folder(item, ctx)
     if not isinstance(item, str) or not item.strip():
-        raise ValueError(f"must be a path to an image, got {show(item)}")
+        raise ValueError(f"must be a path to an image or {{folder: ..., glob: ...}}, got {show(item)}")
     path = (ctx.base / item).resolve()
     if not path.is_file():
         raise ValueError(f"image {path} does not exist")
-    if str(path) not in ctx.image_sizes:  # decoded in full once: a damaged image fails here, not mid-job
+    _decode(path, ctx)
+    return [str(path)]
+
+
+def _decode(path: Path, ctx: Context) -> None:
+    """Decoded in full once: a damaged image fails at validate time, not halfway through a job."""
+    if str(path) not in ctx.image_sizes:
         try:
             ctx.image_sizes[str(path)] = open_image(path).size
         except ImageError as e:
             raise ValueError(str(e)) from None
-    return [str(path)]
+
+
+def _image_folder(item: dict, ctx: Context) -> list:
+    """`{folder: photos/, glob: "*.jpg"}` (or a list of globs, `**/*.png` reaching into subfolders):
+    the images there in sorted order, as A1111's img2img batch tab takes a folder. Hidden files and
+    folders and files that are not images (by suffix) are skipped; an image that does not decode is
+    an error naming it; a glob that matches no image is an error."""
+    if unknown := sorted(set(map(str, item)) - {"folder", "glob"}):
+        raise ValueError(f"unknown key {unknown[0]!r}; write {{folder: photos/, glob: '*.jpg'}}")
+    if not isinstance(item.get("folder"), str) or not item["folder"].strip():
+        raise ValueError("needs folder: the folder of images (relative to the job file)")
+    folder = (ctx.base / item["folder"]).resolve()
+    if not folder.is_dir():
+        raise ValueError(f"folder {folder} does not exist")
+    globs = item.get("glob", "*")
+    globs = [globs] if isinstance(globs, str) else globs
+    if not isinstance(globs, list) or not globs or not all(isinstance(g, str) and g.strip() for g in globs):
+        raise ValueError(f"glob must be a pattern or a list of patterns, got {show(item.get('glob'))}")
+    found: set[Path] = set()
+    for pattern in globs:
+        if pattern.startswith("/") or ".." in Path(pattern).parts:
+            raise ValueError(f"glob {pattern!r} must stay inside the folder")
+        for path in folder.glob(pattern):
+            hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+            if not hidden and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                found.add(path)
+                if len(found) > MAX_AXIS_VALUES:
+                    raise ValueError(f"more than {MAX_AXIS_VALUES:,} images in {folder}")
+    if not found:
+        raise ValueError(f"no image in {folder} matches {', '.join(globs)}")
+    for path in sorted(found):
+        _decode(path, ctx)
+    ctx.folders_used = True
+    return [str(p) for p in sorted(found)]
 
 
 def _size(item: Any, ctx: Context) -> list:

@@ -20,7 +20,7 @@ from typing import Any
 from ..addons.library import Addons
 from ..errors import InputError
 from ..images import aspect_differs
-from ..output.names import DEFAULT_TEMPLATE, template_problem, tokens
+from ..output.names import DEFAULT_TEMPLATE, FOLDER_TEMPLATE, template_problem, tokens
 from ..recipe import FIELDS, Recipe
 from ..render.devices import device_counts
 from ..text import printable, text_problem
@@ -359,6 +359,8 @@ def parse_job(text: str, file: Path) -> Job:
                 _sheet(check, block.get("sheet"), block.lines.get("sheet", 0)) if "sheet" in block else job.sheet
             )
             job.runs.append(run)
+    if check.ctx.folders_used and "filename" not in data:
+        job.filename = FOLDER_TEMPLATE  # a folder of inputs: each output keeps its source's name
     if not check.problems and (problem := template_problem(job.filename, _samples(job.runs))):
         check.problem(data.lines.get("filename", 0), "filename", problem)
     if check.problems:

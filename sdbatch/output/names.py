@@ -5,6 +5,7 @@ that text ends up in file names, folder names, PNG chunks and terminal output.""
 import re
 import string
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
@@ -12,8 +13,10 @@ from ..prompts.networks import lora_label
 from ..recipe import FIELDS
 
 DEFAULT_TEMPLATE = "{index:05d}-{seed}-{slug}"
-# tokens: every recipe field, plus where the task stands in its job and a short form of its prompt
-TOKENS = (*FIELDS, "index", "run", "id", "slug", "width", "height")
+FOLDER_TEMPLATE = "{index:05d}-{source}-{seed}"  # the default when init images come from a folder
+# tokens: every recipe field, plus where the task stands in its job, a short form of its prompt, and
+# the stem of its init image (`source`)
+TOKENS = (*FIELDS, "index", "run", "id", "slug", "width", "height", "source")
 # A file name, `.png` included, is at most this many bytes: the plan may append `-` and a 64-digit
 # task id to a name that collides, and the result must stay within the 255 bytes of a file name.
 MAX_NAME_BYTES = 180
@@ -42,6 +45,7 @@ def tokens(task: Any) -> dict[str, Any]:
         "slug": slug(r.prompt),
         "width": r.width,
         "height": r.height,
+        "source": "" if r.init_image is None else Path(r.init_image).stem,
     }
 
 

@@ -80,7 +80,7 @@ def _label_of(axis: str, value: Any) -> str:
     if axis == "size":
         return f"{value[0]}x{value[1]}"
     if axis in ("init_image", "mask"):
-        return Path(str(value)).name
+        return Path(str(value)).stem
     if axis in ("prompt", "negative"):
         return str(value) or '""'
     if axis == "lora":
