@@ -79,3 +79,9 @@ def test_outputs_keep_their_source_and_a_rerun_renders_only_new_or_changed_image
     assert [Path(t.recipe.init_image).name for t in plan_job(load_job(path)).todo] == ["a-blue.png"]
     entries = render(path)
     assert len(entries) == 6 and len({e["id"] for e in entries}) == 6
+
+
+def test_a_folder_of_masks_is_refused_rather_than_multiplied_with_the_images(tmp_path):
+    photos(tmp_path / "photos")
+    with pytest.raises(JobError, match=r"job.yaml:8: mask: a folder of masks .* is not supported yet"):
+        load_job(job(tmp_path, "{folder: photos}", "mask: {folder: photos}\n"))

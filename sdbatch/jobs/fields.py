@@ -178,6 +178,12 @@ def _image(item: Any, ctx: Context) -> list:
     return [str(path)]
 
 
+def _mask(item: Any, ctx: Context) -> list:
+    if isinstance(item, dict):  # a folder would multiply with the images' folder, not pair with it
+        raise ValueError("a folder of masks (paired with init images by name) is not supported yet; list mask files")
+    return _image(item, ctx)
+
+
 def _decode(path: Path, ctx: Context) -> None:
     """Decoded in full once: a damaged image fails at validate time, not halfway through a job."""
     if str(path) not in ctx.image_sizes:
@@ -366,7 +372,7 @@ PARSERS: dict[str, Callable[[Any, Context], list]] = {
     "clip_skip": _numbers(True),
     "lora": _lora,
     "init_image": _image,
-    "mask": _image,
+    "mask": _mask,
     "size": _size,
     "sampler": _sampler,
     "karras": _flag,
