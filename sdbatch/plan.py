@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from .addons.library import AddonError, Addons, Folders, Library, check_addons
+from .addons.library import AddonError, Addons, Folders, Library, check_addons, flat
 from .checkpoints import model_hash, model_sha256, open_model, resolve_model
 from .files import content_sha256, inside, read_record
 from .jobs import Job, Run, Task, draw_randoms
@@ -182,13 +182,9 @@ def _addon_problem(run: Run, recipe: Recipe, error: AddonError) -> Problem:
     if error.kind == "lora":
         field = "lora" if any(name == error.name for name, _, _ in recipe.lora) else "prompt"
     else:
-        field = "prompt" if _flat(error.name) in _flat(recipe.prompt) else "negative"
+        field = "prompt" if flat(error.name) in flat(recipe.prompt) else "negative"
     source = run.sources.get(field) or run.sources["prompt"]
     return Problem(source.file, source.line, source.field, str(error))
-
-
-def _flat(text: str) -> str:
-    return "".join(text.lower().split())
 
 
 def plan_job(

@@ -50,8 +50,8 @@ class Embedding:
 
 def check_embedding(path: str | Path, width: int, max_vectors: int = MAX_VECTORS) -> tuple[int, int]:
     """(vectors, width) of an embedding file, from its header alone and without torch, or
-    EmbeddingError saying why this model cannot use it: job validation refuses a wrong file
-    before any model or tensor is loaded."""
+    EmbeddingError saying why this model cannot use it. Job validation reads the (small) file
+    whole with `read_embedding` instead, which applies these checks and refuses NaN too."""
     return _locate(Path(path), width, max_vectors)[1]
 
 

@@ -134,12 +134,14 @@ class Library:
 
     folders: Folders
     _listed: dict[tuple[Path, tuple[str, ...]], dict[str, list[Path]]] = field(default_factory=dict)
-    _resolved: dict[Any, Any] = field(default_factory=dict)
+    _resolved: dict[tuple, "Addons"] = field(default_factory=dict)  # (loras, prompt, negative, ...) -> add-ons
+    _names: dict[str, Path | None] | None = None  # every embedding name, listed on first use
     _triggered: dict[tuple[str, ...], tuple["EmbeddingUse", ...]] = field(default_factory=dict)
     _hashes: dict[Path, tuple[str, str]] = field(default_factory=dict)  # path -> (sha256, A1111's short hash)
     # the model's tokenizer (text -> ids), made on first use: matching embeddings by tokens, as A1111
     tokenize: Callable[[], Callable[[str], list[int]]] | None = None
     _tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    _tokenizer: Callable[[str], list[int]] | None = None  # `tokenize()`'s result, made on first use
 
     def _files(self, folder: Path, suffixes: tuple[str, ...]) -> dict[str, list[Path]]:
         key = (folder, suffixes)
@@ -172,13 +174,12 @@ class Library:
 
     def embedding_names(self) -> dict[str, Path | None]:
         """Every embedding name in the folders (None for an ambiguous one: an error if triggered)."""
-        if "names" not in self._resolved:
-            names: dict[str, Path | None] = {}
+        if self._names is None:
+            self._names = {}
             for folder in self.folders.embeddings:
                 for name, paths in self._files(folder, EMBEDDING_SUFFIXES).items():
-                    names.setdefault(name, paths[0] if len(paths) == 1 else None)
-            self._resolved["names"] = names
-        return self._resolved["names"]
+                    self._names.setdefault(name, paths[0] if len(paths) == 1 else None)
+        return self._names
 
     def addons(
         self,
@@ -215,10 +216,10 @@ class Library:
         with the model's tokenizer (`tokenize`: loaded only when some name is found as text)."""
         if pieces in self._triggered:
             return self._triggered[pieces]
-        flat = _flat("\n".join(pieces))
+        text = flat("\n".join(pieces))
         uses = []
         for name, path in sorted(self.embedding_names().items()):
-            if _flat(name) and _flat(name) in flat and self._in_tokens(name, pieces):
+            if flat(name) and flat(name) in text and self._in_tokens(name, pieces):
                 if path is None:
                     self._find(name, self.folders.embeddings, EMBEDDING_SUFFIXES, "embedding")  # raises: ambiguous
                     continue
@@ -234,12 +235,11 @@ class Library:
         if self.tokenize is None:
             return True  # no tokenizer given: the text match stands (a superset of A1111's)
         tokens = self._tokens
-        if "\0tokenizer" not in self._resolved:
-            self._resolved["\0tokenizer"] = self.tokenize()  # loaded once, when first needed
-        tokenize = self._resolved["\0tokenizer"]
+        if self._tokenizer is None:
+            self._tokenizer = self.tokenize()  # loaded once, when first needed
         for text in (name, *pieces):
             if text not in tokens:
-                tokens[text] = tuple(tokenize(text))
+                tokens[text] = tuple(self._tokenizer(text))
         wanted = tokens[name]
         return bool(wanted) and any(
             tokens[p][i : i + len(wanted)] == wanted for p in pieces for i in range(len(tokens[p]) - len(wanted) + 1)
@@ -261,7 +261,8 @@ def _pieces(text: str, steps: int, emphasis: str) -> list[str]:
     return [piece for part in parts for piece, weight in parse_attention(part) if weight != -1 or piece != "BREAK"]
 
 
-def _flat(text: str) -> str:
+def flat(text: str) -> str:
+    """Text as embedding names are first looked for in it: lower case, no whitespace."""
     return _SPACE.sub("", text.lower())
 
 
