@@ -18,6 +18,7 @@ import yaml
 
 from .checkpoints import SHIPPED_WEIGHTS, model_hash, weights_dir
 from .errors import InputError
+from .jobs.job import HIRES_KEYS
 from .jobs.wildcards import has_syntax
 from .output.a1111 import parse_infotext
 from .output.png import read_png_text
@@ -25,6 +26,7 @@ from .recipe import DEFAULTS, FIELDS, Recipe, a1111_values
 from .text import printable
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
+HIRES_FIELDS = {field: key for key, field in HIRES_KEYS.items()}  # hires_scale -> scale, strength -> denoise
 MAX_TEXT = 1 << 20  # bytes of a parameters text file
 
 
@@ -55,10 +57,11 @@ def import_job(source: Path, lenient: bool = False) -> tuple[str, list[str]]:
     text = read_infotext(source)
     values = a1111_values(text, where=f"{shown}: ", lenient=lenient)
     dropped: dict[str, Any] = dict(values.pop("unreproduced", {}))
-    if any(k.startswith("Hires") for k in dropped) and values.get("strength") is not None:
+    hires = values.get("hires_scale") is not None or values.get("hires_size") is not None
+    if any(k.startswith("Hires") for k in dropped) and values.get("strength") is not None and not hires:
         dropped["Denoising strength"] = values.pop("strength")  # the hires pass's, not an img2img's
     notes: list[str] = []
-    if values.get("strength") is not None:
+    if values.get("strength") is not None and not hires:
         message = "an img2img image: its parameters do not name its init image (set init_image in the job)"
         if not lenient:
             raise InputError(f"{shown}: {message}")
@@ -144,12 +147,20 @@ def _check_addons(recipe: Recipe, text: str, shown: str, model: str, lenient: bo
 
 
 def _yaml(source: Path, recipe: Recipe, model: str, warnings: list[str]) -> str:
-    """The job: name, model, then every field that is not at its default (prompt always)."""
+    """The job: name, model, then every field that is not at its default (prompt always); hires
+    fix's fields in a `hires:` block, its denoise among them."""
     job: dict[str, Any] = {"name": _name(source), "model": model}
+    hires: dict[str, Any] = {}
     for field in FIELDS:
         value = getattr(recipe, field)
-        if field in ("prompt", "negative", "compat", "rng") or value != DEFAULTS[field]:
-            job[field] = list(value) if isinstance(value, tuple) else value
+        shown = list(value) if isinstance(value, tuple) else value
+        key = HIRES_FIELDS.get(field)
+        if recipe.hires and key is not None and (value != DEFAULTS[field] or field == "strength"):
+            hires[key] = shown
+        elif field in ("prompt", "negative", "compat", "rng") or value != DEFAULTS[field]:
+            job[field] = shown
+    if hires:
+        job["hires"] = hires
     body = yaml.safe_dump(job, sort_keys=False, allow_unicode=True, width=10**6, default_flow_style=None)
     head = [f"# imported from {printable(str(source))} by sdbatch import; edit any value into a sweep"]
     head += [f"# {printable(w)}".replace("\n", " ") for w in warnings]

@@ -6,7 +6,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,9 @@ from PIL import Image
 
 from .addons.library import AddonError, Addons, Folders, Library, check_addons, flat
 from .checkpoints import model_hash, model_sha256, open_model, resolve_model
-from .files import content_sha256, inside, read_record
+from .files import inside, read_record
+from .hires import builtin
+from .images import image_sha256
 from .jobs import Job, Run, Task, draw_randoms
 from .jobs.fields import RandomPrompts
 from .jobs.yamlmarks import JobError, Problem
@@ -117,7 +119,7 @@ def _distinct_tasks(job: Job, model: ModelInfo, randoms: dict[str, list[int]]) -
 
     def digest(path: str) -> str:
         if path not in digests:
-            digests[path] = content_sha256(path)
+            digests[path] = image_sha256(path)  # read once: at validate time, when the image was checked
         return digests[path]
 
     tasks: dict[str, Task] = {}
@@ -128,7 +130,8 @@ def _distinct_tasks(job: Job, model: ModelInfo, randoms: dict[str, list[int]]) -
         addons = _addons(library, job.runs[run], recipe, model, problems)
         if addons is not None:
             task_id = recipe.task_id(model.id, digest, addons.id_data())
-            tasks.setdefault(task_id, Task(i, run, task_id, recipe, addons))
+            sources = tuple((f, digests[p]) for f in ("init_image", "mask") if (p := getattr(recipe, f)) is not None)
+            tasks.setdefault(task_id, Task(i, run, task_id, recipe, addons, sources))
     if problems:
         raise JobError(list(problems))
     return list(tasks.values()), len(combos) - len(tasks)
@@ -148,6 +151,11 @@ def check_job_addons(job: Job, model: ModelInfo) -> None:
             run.values["lora"], texts(run, "prompt"), texts(run, "negative")
         ):
             _addons(library, run, Recipe(prompt=prompt, negative=negative, lora=lora), model, problems)
+        for name in dict.fromkeys(n for n in run.values.get("hires_upscaler", []) if not builtin(n)):
+            try:
+                check_addons(Addons(upscaler=library.upscaler(name)), model.config)
+            except AddonError as e:
+                problems[_addon_problem(run, Recipe(), e)] = None
     if problems:
         raise JobError(list(problems))
 
@@ -155,7 +163,9 @@ def check_job_addons(job: Job, model: ModelInfo) -> None:
 def addon_library(job: Job | None, model: ModelInfo) -> Library:
     """The job's add-on folders (the default ones without a job), matching embeddings with the
     model's own tokenizer (loaded only when an embedding's name appears in a prompt)."""
-    folders = Folders.of(job.lora_folder, job.embedding_folder) if job is not None else Folders.of()
+    folders = (
+        Folders.of(job.lora_folder, job.embedding_folder, job.upscaler_folder) if job is not None else Folders.of()
+    )
 
     def tokenizer() -> Callable[[str], list[int]]:
         from .tokenizer import load_tokenizer
@@ -168,7 +178,7 @@ def addon_library(job: Job | None, model: ModelInfo) -> Library:
 def _addons(library: Library, run: Run, recipe: Recipe, model: ModelInfo, problems: dict) -> Addons | None:
     """The recipe's add-ons, found and checked; None after noting the problem with its line."""
     try:
-        addons = library.addons(recipe.loras(), recipe.prompt, recipe.negative, recipe.steps, recipe.emphasis)
+        addons = recipe_addons(library, recipe)
         check_addons(addons, model.config)
         return addons
     except AddonError as e:
@@ -176,13 +186,28 @@ def _addons(library: Library, run: Run, recipe: Recipe, model: ModelInfo, proble
         return None
 
 
+def recipe_addons(library: Library, recipe: Recipe) -> Addons:
+    """The add-on files a recipe uses: its LoRAs, the embeddings its prompts trigger (the hires
+    prompts' too), and the upscaler model of its hires fix (not a latent or pixel mode)."""
+    addons = library.addons(recipe.loras(), recipe.prompt, recipe.negative, recipe.steps, recipe.emphasis)
+    if not recipe.hires:
+        return addons
+    second = recipe.second_pass()
+    more = library.addons((), second.prompt, second.negative, second.steps, second.emphasis).embeddings
+    upscaler = None if builtin(recipe.hires_upscaler) else library.upscaler(recipe.hires_upscaler)
+    return replace(addons, embeddings=tuple(dict.fromkeys(addons.embeddings + more)), upscaler=upscaler)
+
+
 def _addon_problem(run: Run, recipe: Recipe, error: AddonError) -> Problem:
     """Where in the job file a LoRA or embedding problem comes from: the `lora` key when it names
     the LoRA, else the prompt (its tags, or an embedding's name), else the negative prompt."""
     if error.kind == "lora":
         field = "lora" if any(name == error.name for name, _, _ in recipe.lora) else "prompt"
-    else:
-        field = "prompt" if flat(error.name) in flat(recipe.prompt) else "negative"
+    elif error.kind == "upscaler":
+        field = "hires_upscaler"
+    else:  # an embedding: the first text that names it
+        texts = [(n, getattr(recipe, n)) for n in ("prompt", "hires_prompt", "negative", "hires_negative")]
+        field = next((n for n, text in texts if text and flat(error.name) in flat(text)), "negative")
     source = run.sources.get(field) or run.sources["prompt"]
     return Problem(source.file, source.line, source.field, str(error))
 

@@ -17,11 +17,15 @@ import importlib.util
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
 from .errors import InputError
+from .hires import Target, builtin
+from .hires import a1111_name as a1111_upscaler
+from .hires import target as hires_target
+from .images import RESIZE_MODES
 from .output.a1111 import format_infotext, number_text, parse_infotext
 from .prompts import prompt_problem
 from .prompts.networks import LoraTag, lora_tags, name_problem, strip_networks, weight_problem
@@ -54,13 +58,27 @@ class Recipe:
     init_image: str | None = param(None, "img2img / inpainting: the image to start from (a path)", file=True)
     mask: str | None = param(None, "inpainting: white = repaint (a path); needs init_image", file=True)
     size: tuple[int, int] = param((512, 512), "(width, height) in pixels, multiples of 8")
+    resize: str | None = param(None, "an init image of another shape: just (stretch), crop, fill; None refuses it")
     sampler: str = param("euler_a", "sampler name (sdbatch.samplers)")
     karras: bool = param(False, "Karras sigmas instead of the sampler's own schedule (= schedule: karras)")
     schedule: str = param("automatic", "A1111's schedule type: automatic (the sampler's own), uniform, karras, ...")
     compat: str = param("diffusers", "whose conventions: diffusers (its schedulers' timesteps) or a1111 (its sigmas)")
     steps: int = param(30, "sampler steps (img2img runs the last int(steps * strength))")
-    strength: float | None = param(None, "img2img / inpainting: how much of the schedule is re-run; None for txt2img")
+    strength: float | None = param(
+        None, "img2img / inpainting: how much of the schedule is re-run; hires fix: its denoise; else None"
+    )
     cfg: float = param(7.5, "classifier-free guidance scale (1 = no guidance, no uncond row)")
+    hires_scale: float | None = param(None, "hires fix: upscale the first pass by this (A1111's Hires upscale)")
+    hires_size: tuple[int, int] | None = param(
+        None, "hires fix: upscale to (width, height) instead; 0 keeps the aspect"
+    )
+    hires_upscaler: str = param("latent", "hires fix: latent[-bicubic|...], lanczos, nearest, or a model's name")
+    hires_steps: int = param(0, "hires fix: second-pass steps (0 = steps); strength is its denoise")
+    hires_sampler: str | None = param(None, "hires fix: second-pass sampler (None = sampler)")
+    hires_schedule: str | None = param(None, "hires fix: second-pass schedule type (None = schedule)")
+    hires_prompt: str | None = param(None, "hires fix: second-pass prompt (None = prompt)")
+    hires_negative: str | None = param(None, "hires fix: second-pass negative prompt (None = negative)")
+    hires_cfg: float | None = param(None, "hires fix: second-pass CFG scale (None = cfg)")
     rng: str = param("diffusers", "noise: diffusers (CPU generator, diffusers' order), a1111 (A1111's GPU), a1111-cpu")
     ensd: int = param(0, "A1111's ENSD (eta noise seed delta): draws after the first come from seed + ensd")
     seed_resize_from: tuple[int, int] | None = param(None, "A1111's Seed resize from: noise drawn at this size")
@@ -87,7 +105,37 @@ class Recipe:
         LoRAs may not: they are merged into the weights every image of a batch goes through)."""
         noise = (self.rng, self.ensd)  # one noise source per batch
         plan = (self.steps, self.sampler, self.karras, self.schedule, self.compat)
-        return (*plan, self.size, self.mode, self.strength, self.loras(), noise)
+        hires = (self.hires_scale, self.hires_size, self.hires_upscaler, self.hires_steps, self.hires_sampler)
+        return (*plan, self.size, self.mode, self.strength, self.loras(), noise, *hires, self.hires_schedule)
+
+    @property
+    def hires(self) -> bool:
+        """Rendered in two passes (A1111's hires fix): a hires scale or size is set."""
+        return self.hires_scale is not None or self.hires_size is not None
+
+    def hires_target(self) -> Target:
+        """The second pass's size (A1111's rule; `sdbatch.hires.target`)."""
+        return hires_target(self.size, self.hires_scale, self.hires_size)
+
+    def second_pass(self) -> "Recipe":
+        """The hires fix's second pass as a recipe of its own: img2img at `strength` from the
+        upscaled first pass, at the target size, with the hires overrides applied. Its init image is
+        the first pass (a label, never a file: the pipeline hands it the latents)."""
+        schedule = self.hires_schedule
+        return replace(
+            self,
+            prompt=self.prompt if self.hires_prompt is None else self.hires_prompt,
+            negative=self.negative if self.hires_negative is None else self.hires_negative,
+            init_image=FIRST_PASS,
+            mask=None,
+            size=self.hires_target().size,
+            sampler=self.hires_sampler or self.sampler,
+            karras=self.karras if schedule is None else False,
+            schedule=self.schedule if schedule is None else schedule,
+            steps=self.hires_steps or self.steps,
+            cfg=self.cfg if self.hires_cfg is None else self.hires_cfg,
+            **{name: DEFAULTS[name] for name in HIRES},
+        )
 
     @property
     def a1111_sigmas(self) -> bool:
@@ -106,6 +154,10 @@ class Recipe:
     def problems(self) -> Iterator[tuple[str, str]]:
         """(field, message) for every rule this recipe breaks: each field's own rule, then the rules
         across fields. The only copy of the rules: jobs, rerun and the pipeline all use it."""
+        yield from self._own_problems()
+        yield from self._hires_problems()
+
+    def _own_problems(self) -> Iterator[tuple[str, str]]:
         for f in fields(self):
             message = RULES[f.name](getattr(self, f.name))
             if message:
@@ -140,12 +192,53 @@ class Recipe:
             yield a1111_only[0], "follows A1111's noise: set rng: a1111 (or a1111-cpu)"
         if self.mask is not None and self.init_image is None:
             yield "mask", "a mask needs an init_image to repaint"
-        if self.init_image is None and self.strength is not None:
-            yield "strength", "applies to images with an init_image (img2img, inpainting) only"
+        if self.resize is not None and self.init_image is None:
+            yield "resize", "applies to images with an init_image (img2img, inpainting) only"
+        if self.init_image is None and self.strength is not None and not self.hires:
+            yield "strength", "applies to images with an init_image (img2img, inpainting) or hires fix only"
         elif self.init_image is not None and self.strength is None:
             yield "strength", "is needed with an init_image: how much of the schedule to re-run"
-        elif self.strength is not None and int(self.steps * self.strength) < 1:
+        elif self.strength is not None and not self.hires and int(self.steps * self.strength) < 1:
             yield "strength", f"strength {self.strength:g} of {self.steps} steps runs no step at all"
+
+    def _hires_problems(self) -> Iterator[tuple[str, str]]:
+        """Hires fix's rules: txt2img only, a denoise, a target of whole latent cells, and the
+        second pass's own recipe (its sampler, steps, prompt ...), reported at the hires field."""
+        if not self.hires:
+            unused = [n for n in HIRES if getattr(self, n) != DEFAULTS[n]]
+            if unused:
+                yield unused[0], "applies with hires fix only: give hires a scale or a resize"
+            return
+        where = "hires_size" if self.hires_size is not None else "hires_scale"
+        if self.hires_scale is not None and self.hires_size is not None:
+            yield "hires_size", "give hires a scale or a resize, not both"
+            return
+        if any(RULES[n](getattr(self, n)) for n in (*HIRES, "size", "prompt", "negative", "sampler", "steps")):
+            return  # a value's own rule is reported already
+        if self.init_image is not None:
+            yield where, "hires fix renders txt2img only (as in A1111); for img2img, give the size you want"
+            return
+        if self.strength is None:
+            yield "strength", "hires fix needs its denoise (hires: denoise: 0.5)"
+            return
+        goal = self.hires_target()
+        if problem := _size(goal.size):
+            yield where, f"the second pass would be {problem}"
+            return
+        first = {message for _, message in self._own_problems()}
+        try:
+            same_loras = self.hires_prompt is None or lora_tags(self.hires_prompt) == lora_tags(self.prompt)
+        except ValueError as e:
+            yield "hires_prompt", str(e)
+            return
+        if not same_loras:
+            yield "hires_prompt", "its <lora:...> tags differ from the prompt's; both passes use the prompt's LoRAs"
+        second = self.second_pass()
+        for name, message in replace(second, init_image=None, strength=None)._own_problems():
+            if message not in first:
+                yield SECOND_PASS_FIELDS.get(name, where), f"second pass: {message}"
+        if not second.a1111_sigmas and int(second.steps * self.strength) < 1:  # diffusers' rule: int(steps * s)
+            yield "strength", f"denoise {self.strength:g} of {second.steps} hires steps runs no step at all"
 
     def check(self, where: str = "") -> "Recipe":
         """The recipe itself, or RecipeError naming every rule it breaks (after `where`)."""
@@ -206,6 +299,8 @@ class Recipe:
         before CLIP sees the text, so A1111 renders the same picture from it."""
         pairs: dict[str, Any] = {}
         for name, (key, write, _) in A1111_KEYS.items():
+            if name in HIRES and not self.hires:
+                continue  # the hires keys say nothing without hires fix (hires_upscaler has a default)
             value = write(getattr(self, name))
             if value is not None or key not in pairs:  # karras and schedule share `Schedule type`
                 pairs[key] = value
@@ -222,7 +317,8 @@ class Recipe:
         cannot reproduce is refused by name (never silently dropped); so is a value out of range,
         and an img2img image (its infotext does not name its init image)."""
         values = a1111_values(text, where)
-        if values.get("strength") is not None:
+        hires = values.get("hires_scale") is not None or values.get("hires_size") is not None
+        if values.get("strength") is not None and not hires:
             raise RecipeError(f"{where}an A1111 img2img image names no init image; render it from a job file")
         return cls(**values).check(where)
 
@@ -257,6 +353,19 @@ def a1111_values(text: str, where: str = "", lenient: bool = False) -> dict[str,
     return values
 
 
+# the hires fix's fields; the second pass's fields -> the hires field that sets them (for messages)
+HIRES = tuple(f.name for f in fields(Recipe) if f.name.startswith("hires_"))
+SECOND_PASS_FIELDS = {
+    "prompt": "hires_prompt",
+    "negative": "hires_negative",
+    "sampler": "hires_sampler",
+    "karras": "hires_sampler",
+    "compat": "hires_sampler",
+    "schedule": "hires_schedule",
+    "steps": "hires_steps",
+    "cfg": "hires_cfg",
+}
+FIRST_PASS = "(first pass)"  # the second pass's init image: the first pass's latents or image, never a file
 _ID_V1 = ("prompt", "negative", "init_image", "mask", "size", "sampler", "karras", "steps", "strength", "cfg", "seed")
 FIELDS = tuple(f.name for f in fields(Recipe))
 DEFAULTS = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}
@@ -351,6 +460,10 @@ def _resize_from(value: Any) -> str | None:
     return None if value is None else _size(value)
 
 
+def _resize(value: Any) -> str | None:
+    return None if value in (None, *RESIZE_MODES) else f"unknown resize {value!r} (known: {', '.join(RESIZE_MODES)})"
+
+
 def _emphasis(value: Any) -> str | None:
     return None if value in EMPHASIS else f"unknown emphasis {value!r} (known: {', '.join(EMPHASIS)})"
 
@@ -366,6 +479,28 @@ def _lora(value: Any) -> str | None:
     return None
 
 
+def _optional(rule: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """A hires override: None (the first pass's value) or a value of the field's rule."""
+    return lambda value: None if value is None else rule(value)
+
+
+def _hires_size(value: Any) -> str | None:
+    ok = isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value)
+    if not ok or value == (0, 0) or any(side and (not 8 <= side <= MAX_SIDE or side % 8) for side in value):
+        shown = f"{value[0]}x{value[1]}" if ok else repr(value)
+        return f"{shown}: each side must be a multiple of 8 from 8 to {MAX_SIDE} (or one side 0: keep the aspect)"
+    return None
+
+
+def _upscaler(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return f"must be an upscaler's name, got {value!r}"
+    if builtin(value) == value:
+        return None
+    problem = name_problem(value)
+    return problem and f"upscaler {value!r}: name an upscaler model by its file name without extension"
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
     "prompt": _text,
     "negative": _text,
@@ -375,6 +510,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "init_image": _path,
     "mask": _path,
     "size": _size,
+    "resize": _resize,
     "sampler": _sampler,
     "karras": _flag,
     "schedule": _choice(SCHEDULE_LABELS, "schedule type"),
@@ -382,6 +518,15 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "steps": _whole(1, 1000, "from 1 to 1000"),
     "strength": _strength,
     "cfg": _real(0.0, 100.0, "from 0 to 100"),
+    "hires_scale": _optional(_real(1.0, 8.0, "from 1 to 8")),
+    "hires_size": _optional(_hires_size),
+    "hires_upscaler": _upscaler,
+    "hires_steps": _whole(0, 1000, "from 0 (= steps) to 1000"),
+    "hires_sampler": _optional(_sampler),
+    "hires_schedule": _optional(_choice(SCHEDULE_LABELS, "schedule type")),
+    "hires_prompt": _optional(_text),
+    "hires_negative": _optional(_text),
+    "hires_cfg": _optional(_real(0.0, 100.0, "from 0 to 100")),
     "rng": _rng,
     "ensd": _whole(-(2**31), 2**31 - 1, "from -2**31 to 2**31-1"),
     "seed_resize_from": _resize_from,
@@ -401,11 +546,11 @@ def _jsonable(value: Any) -> Any:
 
 def _coerce(name: str, value: Any) -> Any:
     """A JSON value back into the field's Python type (strict: no float seeds, no text numbers)."""
-    if name in ("size", "seed_resize_from") and not (name == "seed_resize_from" and value is None):
+    if name in ("size", "seed_resize_from", "hires_size") and not (name != "size" and value is None):
         if not isinstance(value, list) or len(value) != 2:
             raise ValueError(f"must be [width, height], got {value!r}")
         return tuple(value)
-    if name in ("cfg", "subseed_strength") and isinstance(value, int) and not isinstance(value, bool):
+    if name in ("cfg", "subseed_strength", "hires_scale", "hires_cfg") and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if name == "lora":
         if not isinstance(value, list) or not all(isinstance(v, list) and len(v) == 3 for v in value):
@@ -472,6 +617,20 @@ def _read_emphasis(text: str) -> dict[str, Any]:
     return {"emphasis": names[text.strip().lower()]}
 
 
+def _read_hires_size(text: str) -> dict[str, Any]:
+    return {"hires_size": _read_size(text)["size"]}
+
+
+def _read_hires_sampler(text: str) -> dict[str, Any]:
+    read = _read_sampler(text)
+    return {"hires_sampler": read["sampler"]} | ({"hires_schedule": "karras"} if read.get("karras") else {})
+
+
+def _read_hires_schedule(text: str) -> dict[str, Any]:
+    read = _read_schedule(text)
+    return {"hires_schedule": "karras" if read.get("karras") else read.get("schedule", "automatic")}
+
+
 A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str, Any]]]] = {
     "steps": ("Steps", lambda v: v, _read_whole("steps")),
     "sampler": ("Sampler", lambda v: SAMPLERS[v].a1111, _read_sampler),
@@ -483,6 +642,15 @@ A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str,
     "seed": ("Seed", lambda v: v, _read_whole("seed")),
     "size": ("Size", lambda v: f"{v[0]}x{v[1]}", _read_size),
     "strength": ("Denoising strength", lambda v: None if v is None else number_text(v), _read_real("strength")),
+    "hires_scale": ("Hires upscale", lambda v: None if v is None else number_text(v), _read_real("hires_scale")),
+    "hires_size": ("Hires resize", lambda v: None if v is None else f"{v[0]}x{v[1]}", _read_hires_size),
+    "hires_steps": ("Hires steps", lambda v: v or None, _read_whole("hires_steps")),
+    "hires_upscaler": ("Hires upscaler", a1111_upscaler, lambda text: {"hires_upscaler": builtin(text) or text}),
+    "hires_sampler": ("Hires sampler", lambda v: v and SAMPLERS[v].a1111, _read_hires_sampler),
+    "hires_schedule": ("Hires schedule type", lambda v: v and SCHEDULE_LABELS[v], _read_hires_schedule),
+    "hires_prompt": ("Hires prompt", lambda v: v, lambda text: {"hires_prompt": text}),
+    "hires_negative": ("Hires negative prompt", lambda v: v, lambda text: {"hires_negative": text}),
+    "hires_cfg": ("Hires CFG Scale", lambda v: None if v is None else number_text(v), _read_real("hires_cfg")),
     "clip_skip": ("Clip skip", lambda v: v if v > 1 else None, _read_whole("clip_skip")),
     "emphasis": ("Emphasis", lambda v: None if v == "original" else EMPHASIS[v], _read_emphasis),
     "subseed": ("Variation seed", lambda v: v or None, _read_whole("subseed")),

@@ -14,7 +14,7 @@ from .images import open_image
 from .jobs import Task
 from .output.a1111 import parse_infotext
 from .output.png import png_bytes, read_png_text
-from .plan import ModelInfo, addon_library
+from .plan import ModelInfo, addon_library, recipe_addons
 from .recipe import Recipe
 from .text import printable, text_problem
 
@@ -155,9 +155,18 @@ def find_addons(
     if not isinstance(recorded, dict):
         raise InputError(f"{shown}: its sdbatch metadata is damaged (addons is not an object)")
     folders = {kind: _recorded_folders(recorded.get(kind)) for kind in ("loras", "embeddings")}
+    upscaler = recorded.get("upscaler")
+    folders["upscalers"] = _recorded_folders([upscaler] if isinstance(upscaler, dict) else [])
     library = addon_library(None, model)
-    library.folders = Folders.of(folders["loras"], folders["embeddings"])
-    addons = library.addons(recipe.loras(), recipe.prompt, recipe.negative, recipe.steps, recipe.emphasis)
+    library.folders = Folders.of(folders["loras"], folders["embeddings"], folders["upscalers"])
+    addons = recipe_addons(library, recipe)
+    if ours and addons.upscaler is not None:
+        sha = upscaler.get("sha256") if isinstance(upscaler, dict) else None
+        if sha != addons.upscaler.sha256:
+            raise InputError(
+                f"{shown}: upscaler {printable(addons.upscaler.name)!r} ({printable(addons.upscaler.path)}) is not "
+                "the file the image was made with (its sha256 differs); put that file back to render it again"
+            )
     for kind, uses in (("lora", addons.loras), ("embedding", addons.embeddings)):
         what = "LoRA" if kind == "lora" else "embedding"
         listed = recorded.get("loras" if kind == "lora" else "embeddings", [])

@@ -101,12 +101,18 @@ def entry_for(task: Task, file: str | None, job: Job, status: str, **extra: Any)
         "status": status,
         **task.recipe.to_record(),
         **({"addons": task.addons.record()} if task.addons else {}),
+        **({"sources": _sources(task)} if task.sources else {}),
         "index": task.index,
         "run": task.run,
         "job": job.name,
         **extra,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _sources(task: Task) -> dict[str, dict[str, str]]:
+    """The input files a task read, with the sha256 its id was made from: {field: {path, sha256}}."""
+    return {name: {"path": getattr(task.recipe, name), "sha256": sha} for name, sha in task.sources}
 
 
 def png_text(task: Task, file: str, job: Job, model: ModelInfo) -> dict[str, str]:

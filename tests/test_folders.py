@@ -3,12 +3,16 @@ the folder expands into the init_image axis in sorted order, hidden and non-imag
 bad folders and images are file:line errors, outputs keep their source's name, and a re-run renders
 only what is new or changed."""
 
+import hashlib
+import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from sdbatch.images import ImageError, fit, size_from_image
 from sdbatch.jobs import JobError, load_job
 from sdbatch.plan import plan_job
 from sdbatch.runner import Options, Reporter, run_job
@@ -81,7 +85,193 @@ def test_outputs_keep_their_source_and_a_rerun_renders_only_new_or_changed_image
     assert len(entries) == 6 and len({e["id"] for e in entries}) == 6
 
 
-def test_a_folder_of_masks_is_refused_rather_than_multiplied_with_the_images(tmp_path):
-    photos(tmp_path / "photos")
-    with pytest.raises(JobError, match=r"job.yaml:8: mask: a folder of masks .* is not supported yet"):
-        load_job(job(tmp_path, "{folder: photos}", "mask: {folder: photos}\n"))
+# -- masks paired by file stem, sizes taken from each image, A1111's resize modes
+
+SHAPES = {"a": (32, 32), "b": (32, 32), "c": (32, 32), "d": (48, 32), "e": (48, 32), "f": (24, 40), "g": (24, 40)}
+MASKED = ("a", "c", "d", "e", "f")  # b and g have no mask
+
+
+def inputs(root: Path) -> Path:
+    """7 images of 3 shapes in photos/, and masks (white left half) for 5 of them in masks/."""
+    (root / "photos").mkdir()
+    (root / "masks").mkdir()
+    for i, (stem, (w, h)) in enumerate(SHAPES.items()):
+        Image.new("RGB", (w, h), (40 * i, 200 - 20 * i, 90)).save(root / "photos" / f"{stem}.png")
+        if stem in MASKED:
+            mask = Image.new("L", (w, h), 0)
+            mask.paste(255, (0, 0, w // 2, h))
+            mask.save(root / "masks" / f"{stem}.png")
+    return root
+
+
+def inpaint_job(root: Path, size: str, mask: str = "{folder: masks, missing: full}", extra: str = "") -> Path:
+    path = root / "job.yaml"
+    path.write_text(
+        "prompt: a circle\nsteps: 4\nstrength: 0.5\nseed: 1\noutput: out\n"  # lines 1-5
+        f"init_image: {{folder: photos}}\nmask: {mask}\nsize: {size}\n{extra}"  # lines 6-8
+    )
+    return path
+
+
+def rendered(path: Path) -> dict[str, dict]:
+    """Render the job with the demo model; the manifest's entries by their input's stem."""
+    entries = render(path)
+    assert all(e["status"] == "ok" for e in entries)
+    for e in entries:
+        with Image.open(path.parent / "out" / e["file"]) as im:
+            assert list(im.size) == e["size"], "the image has its recipe's size"
+    return {Path(e["init_image"]).stem: e for e in entries}
+
+
+def squares(side: int) -> dict[str, tuple[int, int]]:
+    return dict.fromkeys(SHAPES, (side, side))
+
+
+@pytest.mark.parametrize(
+    ("size", "resize", "sizes"),
+    [
+        ("from_image", None, SHAPES),
+        ("{width: 32}", None, {**squares(32), "d": (32, 24), "e": (32, 24), "f": (32, 56), "g": (32, 56)}),
+        ("{height: 40}", None, {**squares(40), "d": (64, 40), "e": (64, 40), "f": (24, 40), "g": (24, 40)}),
+        ("{max_pixels: 1024}", None, {**squares(32), "d": (40, 24), "e": (40, 24), "f": (24, 40), "g": (24, 40)}),
+        ("32", "just", squares(32)),
+        ("32", "crop", squares(32)),
+        ("[32, 24]", "fill", dict.fromkeys(SHAPES, (32, 24))),
+    ],
+)
+def test_a_mask_folder_pairs_by_stem_and_every_size_form_renders_seven_images(tmp_path, size, resize, sizes):
+    inputs(tmp_path)
+    path = inpaint_job(tmp_path, size, extra=f"resize: {resize}\n" if resize else "")
+    out = rendered(path)
+    assert sorted(out) == sorted(SHAPES), "7 images with 5 masks: 7 renders, the masks not multiplied in"
+    assert {stem: tuple(e["size"]) for stem, e in out.items()} == sizes
+    for stem, e in out.items():
+        if stem in MASKED:
+            assert Path(e["mask"]).name == f"{stem}.png", "each image gets the mask of its own stem"
+        else:
+            assert e["mask"] is None, "missing: full is img2img of the whole image, recorded without a mask"
+        assert e["resize"] == resize
+
+
+def test_missing_skip_renders_only_the_images_that_have_a_mask(tmp_path):
+    inputs(tmp_path)
+    out = rendered(inpaint_job(tmp_path, "from_image", "{folder: masks, missing: skip}"))
+    assert sorted(out) == sorted(MASKED)
+    assert all(Path(e["mask"]).stem == stem for stem, e in out.items())
+
+
+@pytest.mark.parametrize(
+    ("mask", "size", "where", "message"),
+    [
+        ("{folder: masks}", "from_image", 7, "mask: no mask in .*masks for b.png, g.png; add masks of the same"),
+        ("{folder: masks, missing: maybe}", "from_image", 7, "mask: missing: must be skip or full"),
+        ("{folder: masks, missing: full}", "32", 6, "init_image: d.png is 48x32, which does not have the aspect"),
+        ("{folder: masks, missing: full}", "{width: 30}", 8, "size: width: must be .* a multiple of 8"),
+        ("{folder: masks, missing: full}", "{depth: 8}", 8, "size: write size from the image as"),
+    ],
+)
+def test_unpaired_images_bad_keys_and_other_shapes_are_refused_with_their_line(tmp_path, mask, size, where, message):
+    inputs(tmp_path)
+    with pytest.raises(JobError, match=rf"job.yaml:{where}: {message}"):
+        load_job(inpaint_job(tmp_path, size, mask))
+
+
+def test_a_stray_mask_is_refused_with_its_line(tmp_path):
+    inputs(tmp_path)
+    Image.new("L", (32, 32), 255).save(tmp_path / "masks" / "zz.png")
+    with pytest.raises(JobError, match=r"job.yaml:7: mask: mask zz.png in .*masks matches no init image"):
+        load_job(inpaint_job(tmp_path, "from_image"))
+
+
+def test_a_size_from_the_image_needs_an_image(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("prompt: a circle\nsize: from_image\n")
+    with pytest.raises(JobError, match=r"job.yaml:2: size: from_image needs an init_image"):
+        load_job(path)
+
+
+def test_a_truncated_jpeg_is_a_file_line_error_at_validate_and_nothing_renders(tmp_path):
+    import io
+    import subprocess
+    import sys
+
+    inputs(tmp_path)
+    data = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(data, "JPEG")
+    (tmp_path / "photos" / "h.jpg").write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+    path = inpaint_job(tmp_path, "from_image")
+    for command in ("validate", "run"):
+        done = subprocess.run(
+            [sys.executable, "-m", "sdbatch", command, str(path)], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2, done.stderr
+        assert re.search(r"job.yaml:6: init_image: .*h.jpg: not an image Pillow can read", done.stderr), done.stderr
+    assert not list(tmp_path.glob("out/*.png")), "nothing rendered"
+
+
+def test_the_manifest_records_each_source_and_the_sha256_its_id_was_made_from(tmp_path):
+    inputs(tmp_path)
+    out = rendered(inpaint_job(tmp_path, "from_image"))
+    for stem, e in out.items():
+        image = tmp_path / "photos" / f"{stem}.png"
+        sha256 = hashlib.sha256(image.read_bytes()).hexdigest()
+        assert e["sources"]["init_image"] == {"path": str(image), "sha256": sha256}
+        if stem in MASKED:
+            mask = tmp_path / "masks" / f"{stem}.png"
+            assert e["sources"]["mask"]["sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest()
+        else:
+            assert "mask" not in e["sources"]
+
+
+def stripes(size: tuple[int, int], vertical: bool) -> Image.Image:
+    """Three bands across the long side: green, red (the centre half), blue."""
+    w, h = size
+    image = Image.new("RGB", size, "red")
+    long = w if vertical else h
+    for colour, start, end in (("green", 0, long // 4), ("blue", long - long // 4, long)):
+        image.paste(colour, (start, 0, end, h) if vertical else (0, start, w, end))
+    return image
+
+
+def test_resize_modes_stretch_crop_the_centre_or_fill_the_borders_with_edge_pixels():
+    wide = stripes((64, 32), vertical=True)  # green 0-15, red 16-47, blue 48-63
+    with pytest.raises(ImageError, match="the aspect ratios differ"):
+        fit(wide, 32, 32, "init_image")  # the default still refuses another shape
+    just = fit(wide, 32, 32, "init_image", "just")
+    assert just.getpixel((2, 16))[1] > 200 and just.getpixel((16, 16))[0] > 200 and just.getpixel((29, 16))[2] > 200
+    crop = fit(wide, 32, 32, "init_image", "crop")
+    assert crop.size == (32, 32)
+    assert all(crop.getpixel((x, y))[0] > 200 for x in (0, 16, 31) for y in (0, 31)), "the centre (all red) is kept"
+    fill = fit(wide, 32, 32, "init_image", "fill")  # the image scaled to 32x16 at rows 8-23
+    assert fill.getpixel((16, 16)) == just.resize((32, 16)).getpixel((16, 8))
+    for y in (0, 4, 27, 31):  # borders: the top and bottom rows stretched down and up, never black
+        assert fill.getpixel((2, y))[1] > 200 and fill.getpixel((16, y))[0] > 200 and fill.getpixel((29, y))[2] > 200
+    tall = fit(stripes((32, 64), vertical=False), 32, 32, "mask", "fill")  # left and right borders
+    for x in (0, 3, 28, 31):
+        assert tall.getpixel((x, 2))[1] > 200 and tall.getpixel((x, 16))[0] > 200 and tall.getpixel((x, 29))[2] > 200
+    odd = fit(wide, 32, 25, "init_image", "fill")  # 32x16 inside 25 rows: bands of 4 and 5 rows
+    assert odd.getpixel((16, 24))[0] > 200 and odd.getpixel((2, 24))[1] > 200, "no black line left over"
+    assert fit(Image.new("L", (64, 32), 255), 16, 16, "mask", "crop").mode == "L"
+
+
+def test_sizes_from_the_image_round_to_multiples_of_8():
+    assert size_from_image((1000, 750), "from_image") == (1000, 752)
+    assert size_from_image((1000, 750), "width", 768) == (768, 576)
+    assert size_from_image((1000, 750), "height", 768) == (1024, 768)
+    w, h = size_from_image((4000, 3000), "max_pixels", 589824)
+    assert w * h <= 589824 and w % 8 == h % 8 == 0 and (w, h) == (888, 664)
+    assert size_from_image((20, 20), "max_pixels", 589824) == (768, 768), "small images are scaled up to the budget"
+
+
+def test_planning_ten_thousand_images_keeps_no_pixels_and_prints_the_figure(tmp_path, capsys):
+    """bench/folders.py's measure: 10,000 images and masks validated and planned (no timed assert;
+    the figure is printed). No decoded image is alive once the plan is made."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_folders", Path(__file__).parent.parent / "bench" / "folders.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    m = bench.measure(10_000, tmp_path, trace=False)
+    assert m["tasks"] == 10_000 and m["images_alive"] == 0
+    with capsys.disabled():
+        print(f"\n{bench.summary(m)}")

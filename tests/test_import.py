@@ -98,6 +98,6 @@ def test_an_image_made_with_the_demo_model_and_addons_imports_and_renders(tmp_pa
     params.write_text(params.read_text().replace(lora_hash, "0123456789ab"))
     with pytest.raises(InputError, match="not the file the image was made with"):
         import_job(params)
-    params.write_text(params.read_text() + ", Hires upscale: 2")
-    with pytest.raises(InputError, match="cannot reproduce these A1111 fields yet: Hires upscale"):
+    params.write_text(params.read_text() + ", ADetailer model: face_yolov8n.pt")
+    with pytest.raises(InputError, match="cannot reproduce these A1111 fields yet: ADetailer model"):
         import_job(params)

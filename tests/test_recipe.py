@@ -35,6 +35,7 @@ CASES = {
     "init_image": ({"init_image": IMAGE, "strength": 0.5}, IMAGE),
     "mask": ({"init_image": IMAGE, "mask": MASK, "strength": 0.5}, MASK),
     "size": ({"size": [40, 24]}, (40, 24)),
+    "resize": ({"init_image": IMAGE, "strength": 0.5, "resize": "Crop and resize"}, "crop"),  # A1111's name
     "sampler": ({"sampler": "DPM++ 2M"}, "dpmpp_2m"),
     "karras": ({"sampler": "euler", "karras": True}, True),
     "steps": ({"steps": 7}, 7),
@@ -42,6 +43,15 @@ CASES = {
     "compat": ({"compat": "a1111"}, "a1111"),
     "strength": ({"init_image": IMAGE, "strength": 0.4}, 0.4),
     "cfg": ({"cfg": 3.5}, 3.5),
+    "hires_scale": ({"hires_scale": 2}, 2.0),  # the hires: block is tests/test_hires.py's
+    "hires_size": ({"hires_size": "64x0"}, (64, 0)),  # a side 0 keeps the aspect, as A1111 writes it
+    "hires_upscaler": ({"hires_scale": 2, "hires_upscaler": "Latent (bicubic)"}, "latent-bicubic"),
+    "hires_steps": ({"hires_scale": 2, "hires_steps": 3}, 3),
+    "hires_sampler": ({"hires_scale": 2, "hires_sampler": "DPM++ 2M"}, "dpmpp_2m"),
+    "hires_schedule": ({"hires_scale": 2, "hires_schedule": "SGM Uniform"}, "sgm_uniform"),
+    "hires_prompt": ({"hires_scale": 2, "hires_prompt": "a blue square, sharp"}, "a blue square, sharp"),
+    "hires_negative": ({"hires_scale": 2, "hires_negative": "blurry"}, "blurry"),
+    "hires_cfg": ({"hires_scale": 2, "hires_cfg": 5}, 5.0),
     "rng": ({"rng": "NV"}, "a1111"),  # A1111's name accepted
     "ensd": ({"rng": "a1111", "ensd": 31337}, 31337),
     "seed_resize_from": ({"rng": "a1111", "seed_resize_from": [48, 32]}, (48, 32)),
@@ -122,9 +132,9 @@ def test_rerun_applies_the_job_file_limits_to_a1111_text():
 def test_a1111_fields_sdbatch_cannot_reproduce_are_refused_by_name():
     text = (
         "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Clip skip: 2, "
-        'Lora hashes: "add_detail: 0123456789ab", Hires upscale: 2, Hires steps: 10'
+        'Lora hashes: "add_detail: 0123456789ab", ADetailer model: face_yolov8n.pt, ControlNet 0: "x"'
     )
-    with pytest.raises(RecipeError, match="cannot reproduce these A1111 fields yet: Hires upscale, Hires steps"):
+    with pytest.raises(RecipeError, match="cannot reproduce these A1111 fields yet: ADetailer model, ControlNet 0"):
         Recipe.from_a1111(text)
 
 

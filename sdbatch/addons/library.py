@@ -21,6 +21,8 @@ from typing import Any
 
 from ..checkpoints import SHIPPED_WEIGHTS, CheckpointError, read_weights, weights_dir
 from ..checkpoints.hashing import addnet_sha256, file_sha256
+from ..errors import InputError
+from ..hires import model_stem
 from ..models.configs import SDConfig
 from ..prompts import parse_attention, prompt_schedule
 from ..prompts.networks import strip_networks
@@ -28,6 +30,7 @@ from ..text import printable
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 MAX_FILES = 100_000  # entries one add-on folder is searched for, at most
 SHORT = 12  # hex digits A1111 writes in `Lora hashes` / `TI hashes`
 
@@ -62,21 +65,33 @@ class EmbeddingUse:
 
 
 @dataclass(frozen=True)
+class UpscalerUse:
+    """The upscaler model a hires fix runs (`hires_upscaler` naming a file, not a latent mode)."""
+
+    name: str
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Addons:
     """The add-ons of one task, resolved to files."""
 
     loras: tuple[LoraUse, ...] = ()
     embeddings: tuple[EmbeddingUse, ...] = ()
+    upscaler: UpscalerUse | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.loras or self.embeddings)
+        return bool(self.loras or self.embeddings or self.upscaler)
 
     def id_data(self) -> list:
         """What the task id adds: contents and weights (a LoRA's name does not change pixels; an
-        embedding's does, since the name is what triggers it)."""
-        return [["lora", u.sha256, u.te, u.unet] for u in self.loras] + [
-            ["embedding", u.name, u.sha256] for u in self.embeddings
-        ]
+        embedding's does, since the name is what triggers it; an upscaler's contents)."""
+        return (
+            [["lora", u.sha256, u.te, u.unet] for u in self.loras]
+            + [["embedding", u.name, u.sha256] for u in self.embeddings]
+            + ([["upscaler", self.upscaler.sha256]] if self.upscaler else [])
+        )
 
     def record(self) -> dict[str, Any]:
         """Our manifest line and PNG chunk: each add-on's name, full sha256, weights and where it
@@ -88,6 +103,9 @@ class Addons:
             ]
         if self.embeddings:
             out["embeddings"] = [{"name": u.name, "sha256": u.sha256, "path": u.path} for u in self.embeddings]
+        if self.upscaler:
+            u = self.upscaler
+            out["upscaler"] = {"name": u.name, "sha256": u.sha256, "path": u.path}
         return out
 
     def a1111(self) -> dict[str, str]:
@@ -113,9 +131,10 @@ class Folders:
 
     loras: tuple[Path, ...]
     embeddings: tuple[Path, ...]
+    upscalers: tuple[Path, ...] = ()
 
     @classmethod
-    def of(cls, loras: "Given" = None, embeddings: "Given" = None) -> "Folders":
+    def of(cls, loras: "Given" = None, embeddings: "Given" = None, upscalers: "Given" = None) -> "Folders":
         """The job's folders (None, one or several) first, then the weights folders."""
         bases = tuple(dict.fromkeys((weights_dir(), SHIPPED_WEIGHTS)))
 
@@ -125,6 +144,7 @@ class Folders:
         return cls(
             tuple(dict.fromkeys([*first(loras), *(b / "loras" for b in bases)])),
             tuple(dict.fromkeys([*first(embeddings), *(b / "embeddings" for b in bases)])),
+            tuple(dict.fromkeys([*first(upscalers), *(b / "upscalers" for b in bases)])),
         )
 
 
@@ -171,6 +191,15 @@ class Library:
 
     def lora(self, name: str) -> Path:
         return self._find(name, self.folders.loras, LORA_SUFFIXES, "lora")
+
+    def upscaler(self, name: str) -> UpscalerUse:
+        """The upscaler model named `name` (its file's stem; A1111's own names such as `R-ESRGAN
+        4x+` map to the file A1111 saves them as), hashed."""
+        path = self._find(model_stem(name), self.folders.upscalers, UPSCALER_SUFFIXES, "upscaler")
+        try:
+            return UpscalerUse(name, str(path), file_sha256(path))
+        except OSError as e:
+            raise AddonError(f"upscaler {printable(name)!r}: {printable(str(e))}", "upscaler", name) from None
 
     def embedding_names(self) -> dict[str, Path | None]:
         """Every embedding name in the folders (None for an ambiguous one: an error if triggered)."""
@@ -319,19 +348,30 @@ def check_embedding(path: str, sha256: str, width: int, chunk: int) -> int:
     return len(read_embedding(path, width, chunk).vectors)  # a few KB: read whole, NaN refused now
 
 
+@lru_cache(maxsize=64)
+def check_upscaler(path: str, sha256: str) -> str:
+    """What the upscaler file is (`UpscalerInfo`, from its header), or an error saying why it is
+    not an upscaler sdbatch can run (another architecture, code in a pickle, damaged)."""
+    from ..upscale.esrgan import read_upscaler
+
+    return str(read_upscaler(path))
+
+
 def check_addons(addons: Addons, config: SDConfig) -> None:
     """AddonError (naming the add-on) for any file that cannot apply to a model of `config`."""
     chunk = config.clip.max_positions - 2
-    checks: list[tuple[LoraUse | EmbeddingUse, Callable[[], object]]] = [
+    checks: list[tuple[LoraUse | EmbeddingUse | UpscalerUse, Callable[[], object]]] = [
         *((u, partial(check_lora, u.path, u.sha256, config)) for u in addons.loras),
         *((u, partial(check_embedding, u.path, u.sha256, config.clip.width, chunk)) for u in addons.embeddings),
     ]
+    if addons.upscaler is not None:
+        checks.append((addons.upscaler, partial(check_upscaler, addons.upscaler.path, addons.upscaler.sha256)))
     for use, check in checks:
         try:
             check()
         except AddonError:
             raise
-        except CheckpointError as e:
-            kind = "lora" if isinstance(use, LoraUse) else "embedding"
-            what = "LoRA" if kind == "lora" else "embedding"
+        except InputError as e:  # the loader's CheckpointError, the upscaler's UpscalerError
+            kind = "lora" if isinstance(use, LoraUse) else "upscaler" if isinstance(use, UpscalerUse) else "embedding"
+            what = "LoRA" if kind == "lora" else kind
             raise AddonError(f"{what} {printable(use.name)!r}: {e}", kind, use.name) from None

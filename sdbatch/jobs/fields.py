@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..images import ImageError, open_image
+from ..hires import builtin
+from ..images import RESIZE_MODES, ImageError, check_image
 from ..prompts.networks import name_problem
 from ..recipe import DEFAULTS, FIELDS, RULES
 from ..samplers import SAMPLER_NAMES, SAMPLERS
 from ..text import text_problem
+from .inputs import LATER, MISSING, SIZE_KINDS, MaskFolder, SizeOf
 from .ranges import MAX_AXIS_VALUES, RangeError, parse_range
 from .wildcards import expand, has_syntax
 
@@ -179,27 +181,45 @@ def _image(item: Any, ctx: Context) -> list:
 
 
 def _mask(item: Any, ctx: Context) -> list:
-    if isinstance(item, dict):  # a folder would multiply with the images' folder, not pair with it
-        raise ValueError("a folder of masks (paired with init images by name) is not supported yet; list mask files")
-    return _image(item, ctx)
+    """A mask file, or `{folder: masks/, glob: ..., missing: skip | full}`: one value that pairs
+    each init image with the mask of its file stem (sdbatch.jobs.inputs.MaskFolder)."""
+    if not isinstance(item, dict):
+        return _image(item, ctx)
+    missing = item.get("missing")
+    if missing is not None and missing not in MISSING:
+        raise ValueError(f"missing: must be skip or full, got {show(missing)}")
+    paths = _folder_images({k: v for k, v in item.items() if k != "missing"}, ctx, "{folder: masks/, missing: skip}")
+    masks: dict[str, str] = {}
+    for path in paths:
+        if (other := masks.setdefault(Path(path).stem, path)) != path:
+            raise ValueError(f"masks {Path(other).name} and {Path(path).name} share a file stem; keep one")
+    return [MaskFolder(str((ctx.base / item["folder"]).resolve()), masks, missing)]
 
 
 def _decode(path: Path, ctx: Context) -> None:
-    """Decoded in full once: a damaged image fails at validate time, not halfway through a job."""
+    """Decoded in full once: a damaged image fails at validate time, not halfway through a job. Only
+    its size is kept (and the sha256 of the bytes read, for its task id): never its pixels."""
     if str(path) not in ctx.image_sizes:
         try:
-            ctx.image_sizes[str(path)] = open_image(path).size
+            ctx.image_sizes[str(path)] = check_image(path)
         except ImageError as e:
             raise ValueError(str(e)) from None
 
 
 def _image_folder(item: dict, ctx: Context) -> list:
     """`{folder: photos/, glob: "*.jpg"}` (or a list of globs, `**/*.png` reaching into subfolders):
-    the images there in sorted order, as A1111's img2img batch tab takes a folder. Hidden files and
-    folders and files that are not images (by suffix) are skipped; an image that does not decode is
-    an error naming it; a glob that matches no image is an error."""
+    the images there in sorted order, as A1111's img2img batch tab takes a folder."""
+    found = _folder_images(item, ctx, "{folder: photos/, glob: '*.jpg'}")
+    ctx.folders_used = True
+    return found
+
+
+def _folder_images(item: dict, ctx: Context, example: str) -> list[str]:
+    """The images a `{folder: ..., glob: ...}` mapping names, sorted. Hidden files and folders and
+    files that are not images (by suffix) are skipped; an image that does not decode is an error
+    naming it; a glob that matches no image is an error."""
     if unknown := sorted(set(map(str, item)) - {"folder", "glob"}):
-        raise ValueError(f"unknown key {unknown[0]!r}; write {{folder: photos/, glob: '*.jpg'}}")
+        raise ValueError(f"unknown key {unknown[0]!r}; write {example}")
     if not isinstance(item.get("folder"), str) or not item["folder"].strip():
         raise ValueError("needs folder: the folder of images (relative to the job file)")
     folder = (ctx.base / item["folder"]).resolve()
@@ -223,18 +243,45 @@ def _image_folder(item: dict, ctx: Context) -> list:
         raise ValueError(f"no image in {folder} matches {', '.join(globs)}")
     for path in sorted(found):
         _decode(path, ctx)
-    ctx.folders_used = True
     return [str(p) for p in sorted(found)]
 
 
 def _size(item: Any, ctx: Context) -> list:
+    """`512`, `[768, 512]`, `'768x512'`; or taken from each init image (sdbatch.jobs.inputs.SizeOf):
+    `from_image`, `{width: 768}`, `{height: 768}`, `{max_pixels: 589824}`."""
+    if item == "from_image":
+        return [SizeOf("from_image")]
+    if isinstance(item, dict):
+        if len(item) != 1 or next(iter(item)) not in SIZE_KINDS:
+            raise ValueError("write size from the image as {width: 768}, {height: 768} or {max_pixels: 589824}")
+        [(kind, value)] = item.items()
+        low, high = (64, 8192**2) if kind == "max_pixels" else (8, 8192)
+        if not is_int(value) or not low <= value <= high or (kind != "max_pixels" and value % 8):
+            wanted = f"a whole number from {low} to {high:,}" + ("" if kind == "max_pixels" else ", a multiple of 8")
+            raise ValueError(f"{kind}: must be {wanted}, got {show(value)}")
+        return [SizeOf(kind, value)]
     if is_int(item):
         return [(item, item)]
     if isinstance(item, list) and len(item) == 2 and all(is_int(v) for v in item):
         return [(item[0], item[1])]
     if isinstance(item, str) and (m := re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", item)):
         return [(int(m[1]), int(m[2]))]
-    raise ValueError(f"must be 512, [width, height] or '768x512', got {show(item)}")
+    raise ValueError(f"must be 512, [width, height], '768x512', from_image or {{width: 768}}, got {show(item)}")
+
+
+def _resize(item: Any, ctx: Context) -> list:
+    """`just`, `crop`, `fill` (A1111's `Just resize`, `Crop and resize`, `Resize and fill` too), or
+    `none`: an init image of another shape than the size is refused."""
+    if item is None or item == "none":
+        return [None]
+    if not isinstance(item, str):
+        raise ValueError(f"must be just, crop, fill or none, got {show(item)}")
+    text = item.strip().lower()
+    a1111 = {"just resize": "just", "crop and resize": "crop", "resize and fill": "fill"}
+    value = a1111.get(text, text)
+    if value not in RESIZE_MODES:
+        raise ValueError(f"unknown resize {item!r} (known: just, crop, fill, none)")
+    return [value]
 
 
 def _sampler(item: Any, ctx: Context) -> list:
@@ -361,6 +408,33 @@ def _rng(item: Any, ctx: Context) -> list:
     return [{"gpu": "a1111", "nv": "a1111", "cpu": "a1111-cpu"}.get(text, text)]
 
 
+def _or_none(parse: Callable[[Any, Context], list]) -> Callable[[Any, Context], list]:
+    """A hires override: `none` (null) keeps the first pass's value; else the field's own form."""
+    return lambda item, ctx: [None] if item is None or item == "none" else parse(item, ctx)
+
+
+def _hires_size(item: Any, ctx: Context) -> list:
+    """`1024x768`, `[1024, 768]`, or one side 0 to keep the first pass's aspect (`1024x0`)."""
+    if isinstance(item, str) and (m := re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", item)):
+        return [(int(m[1]), int(m[2]))]
+    if isinstance(item, list) and len(item) == 2 and all(is_int(v) for v in item):
+        return [(item[0], item[1])]
+    raise ValueError(f"must be [width, height] or '1024x768' (a side 0 keeps the aspect), got {show(item)}")
+
+
+def _hires_text(item: Any, ctx: Context) -> list:
+    if isinstance(item, dict):
+        raise ValueError("takes text (variants and wildcards expand), not a mapping")
+    return _text(item, ctx)
+
+
+def _upscaler(item: Any, ctx: Context) -> list:
+    """A latent or pixel mode in any spelling (`latent (bicubic)`, `Lanczos`), or a model's name."""
+    if not isinstance(item, str) or not item.strip():
+        raise ValueError(f"must be an upscaler (latent, lanczos, ... or a model's name), got {show(item)}")
+    return [builtin(item) or item.strip()]
+
+
 def _resize_from(item: Any, ctx: Context) -> list:
     return [None] if item is None or item == "none" else _size(item, ctx)
 
@@ -374,6 +448,7 @@ PARSERS: dict[str, Callable[[Any, Context], list]] = {
     "init_image": _image,
     "mask": _mask,
     "size": _size,
+    "resize": _resize,
     "sampler": _sampler,
     "karras": _flag,
     "schedule": _word,
@@ -381,6 +456,15 @@ PARSERS: dict[str, Callable[[Any, Context], list]] = {
     "steps": _numbers(True),
     "strength": _numbers(False),
     "cfg": _numbers(False),
+    "hires_scale": _or_none(_numbers(False)),
+    "hires_size": _or_none(_hires_size),
+    "hires_upscaler": _upscaler,
+    "hires_steps": _numbers(True),
+    "hires_sampler": _or_none(_sampler),
+    "hires_schedule": _or_none(_word),
+    "hires_prompt": _or_none(_hires_text),
+    "hires_negative": _or_none(_hires_text),
+    "hires_cfg": _or_none(_numbers(False)),
     "rng": _rng,
     "ensd": _numbers(True),
     "seed_resize_from": _resize_from,
@@ -396,6 +480,6 @@ def parse_item(key: str, item: Any, ctx: Context) -> list:
     values = PARSERS[key](item, ctx)
     rule = RULES.get(key)
     for value in values:
-        if rule is not None and not isinstance(value, RANDOM_VALUES) and (message := rule(value)):
+        if rule is not None and not isinstance(value, (*RANDOM_VALUES, *LATER)) and (message := rule(value)):
             raise ValueError(message)
     return values

@@ -12,14 +12,12 @@ import itertools
 import math
 import re
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..addons.library import Addons
 from ..errors import InputError
-from ..images import aspect_differs
 from ..output.names import DEFAULT_TEMPLATE, FOLDER_TEMPLATE, template_problem, tokens
 from ..recipe import FIELDS, Recipe
 from ..render.devices import device_counts
@@ -36,6 +34,7 @@ from .fields import (
     parse_item,
     show,
 )
+from .inputs import SKIP, resolve, run_problems, stand_in
 from .ranges import MAX_AXIS_VALUES
 from .yamlmarks import JobError, LineDict, LineList, Problem, parse_yaml
 
@@ -55,10 +54,25 @@ TOP_KEYS = (
     "wildcards",
     "lora_folder",
     "embedding_folder",
+    "upscaler_folder",
     "defaults",
     "runs",
 )
-RUN_KEYS = (*PARAMS, "sheet")
+RUN_KEYS = (*PARAMS, "sheet", "hires")
+# the `hires:` block's keys -> recipe fields (`denoise` is the second pass's strength, as in A1111)
+HIRES_KEYS = {
+    "scale": "hires_scale",
+    "resize": "hires_size",
+    "upscaler": "hires_upscaler",
+    "steps": "hires_steps",
+    "denoise": "strength",
+    "sampler": "hires_sampler",
+    "schedule": "hires_schedule",
+    "prompt": "hires_prompt",
+    "negative": "hires_negative",
+    "cfg": "hires_cfg",
+}
+HIRES_DENOISE = 0.7  # A1111's default Denoising strength for hires fix
 AXES = FIELDS  # what can vary between the images of a run (and label a contact sheet's rows)
 # Names people bring from A1111, diffusers or habit, and what this file calls them.
 ALIASES = {
@@ -118,6 +132,7 @@ class Task:
     id: str
     recipe: Recipe
     addons: Addons = field(default_factory=Addons)  # the LoRA and embedding files it uses, with their hashes
+    sources: tuple[tuple[str, str], ...] = ()  # (field, sha256) of its init image and mask: the id's hashes
 
     def __getattr__(self, name: str) -> Any:
         """`task.seed` reads the recipe's seed: a task is its recipe, placed in a job."""
@@ -140,6 +155,7 @@ class Job:
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     lora_folder: Path | None = None  # looked in before the weights folders (sdbatch.addons.library)
     embedding_folder: Path | None = None
+    upscaler_folder: Path | None = None  # hires fix's upscaler models, before weights/upscalers
 
     def random_slots(self) -> dict[str, int]:
         """`run<i>.seed` (and `run<i>.prompt`, `run<i>.negative`) -> how many draws that run needs."""
@@ -170,13 +186,20 @@ class Job:
 
         model = {"size": (size, size), "cfg": float(cfg)}
         for run in self.runs:
-            self._check_aspects(run, report)
+            for name, message in run_problems(run.values):
+                report(run, name, message)
+            unset_size = MODEL in run.values["size"]
             values = {k: [model[k] if v is MODEL else v for v in vs] for k, vs in run.values.items()}
             for name in ("seed", "prompt", "negative"):
                 values[name] = _drawn(values[name], randoms.get(f"run{run.index}.{name}", []))
             for combo in itertools.product(*(values[name] for name in FIELDS)):
-                recipe = Recipe(**dict(zip(FIELDS, combo, strict=True)))
-                if recipe.init_image is None:
+                chosen, found = resolve(dict(zip(FIELDS, combo, strict=True)), self.image_sizes, unset_size)
+                for name, message in found:
+                    report(run, name, message)
+                if chosen is SKIP:
+                    continue  # its image has no mask, and the mask folder says missing: skip
+                recipe = Recipe(**chosen)
+                if recipe.init_image is None and not recipe.hires:
                     recipe = replace(recipe, strength=None)  # txt2img has no strength, whatever the default
                 for name, message in recipe.problems():
                     report(run, name, message)
@@ -189,28 +212,6 @@ class Job:
     def check(self, size: int, cfg: float) -> None:
         """Every rule over every combination, without keeping them (random seeds stand in as 0)."""
         self.expand({k: [0] * n for k, n in self.random_slots().items()}, size, cfg, keep=False)
-
-    def _check_aspects(self, run: Run, report: Callable[[Run, str, str], None]) -> None:
-        """Init images and masks must have the render size's aspect ratio (they are resized, never
-        cropped or stretched): refuse a mismatch before anything renders, not halfway through a job."""
-        for key in ("init_image", "mask"):
-            for path in run.values[key]:
-                if path is None:
-                    continue
-                w, h = self.image_sizes[path]
-                for size in run.values["size"]:
-                    if aspect_differs((w, h), (1, 1) if size is MODEL else size):
-                        wanted = (
-                            "the model's square size (size is not set)"
-                            if size is MODEL
-                            else f"size {size[0]}x{size[1]}"
-                        )
-                        report(
-                            run,
-                            key,
-                            f"{Path(path).name} is {w}x{h}, which does not have the aspect ratio of {wanted}; "
-                            "crop it or choose a matching size",
-                        )
 
 
 def _drawn(values: list, draws: list[int]) -> list:
@@ -271,18 +272,20 @@ class _Checker:
                 hint = "; write size: [width, height] (or size: 512 for a square)"
             self.problem(block.lines[key], key, f"unknown key{hint}")
 
-    def values(self, key: str, raw: Any, line: int) -> list | None:
-        """One parameter: raw YAML value -> list of values, or None after reporting a problem."""
+    def values(self, key: str, raw: Any, line: int, label: str | None = None) -> list | None:
+        """One parameter: raw YAML value -> list of values, or None after reporting a problem
+        (named `label` in messages: `hires.scale` for the field hires_scale)."""
+        label = label or key
         items = list(raw) if isinstance(raw, list) else [raw]
         lines = raw.lines if isinstance(raw, LineList) else [line] * len(items)
-        pair = key in ("size", "seed_resize_from") and len(raw) == 2 if isinstance(raw, list) else False
+        pair = key in ("size", "seed_resize_from", "hires_size") and len(raw) == 2 if isinstance(raw, list) else False
         if pair and all(isinstance(v, int) for v in raw):
             items, lines = [raw], [line]  # size: [768, 512] is one size
         if not items:
-            self.problem(line, key, "empty list: give at least one value")
+            self.problem(line, label, "empty list: give at least one value")
             return None
         if key in RUN_OPTIONS and len(items) > 1:
-            self.problem(line, key, "takes one value (it changes speed, not images)")
+            self.problem(line, label, "takes one value (it changes speed, not images)")
             return None
         out: list = []
         ok = True
@@ -290,10 +293,10 @@ class _Checker:
             try:
                 out.extend(parse_item(key, item, self.ctx))
             except (ValueError, OSError) as e:
-                self.problem(item_line, key, str(e))
+                self.problem(item_line, label, str(e))
                 ok = False
         if ok and len(out) > MAX_AXIS_VALUES:
-            self.problem(line, key, f"{len(out):,} values; at most {MAX_AXIS_VALUES:,} per axis")
+            self.problem(line, label, f"{len(out):,} values; at most {MAX_AXIS_VALUES:,} per axis")
             return None
         return out if ok else None
 
@@ -344,7 +347,7 @@ def parse_job(text: str, file: Path) -> Job:
     _check_text(check, data, "", data.line, set())
     if check.problems:  # text that cannot be written anywhere: nothing else is looked at
         raise JobError(check.problems)
-    check.unknown_keys(data, TOP_KEYS + PARAMS, "a job")
+    check.unknown_keys(data, (*TOP_KEYS, *PARAMS, "hires"), "a job")
     job = _job_settings(check, data, file)
     defaults = _defaults(check, data)
     for i, (block, line) in enumerate(_run_blocks(check, data)):
@@ -402,7 +405,7 @@ def _job_settings(check: _Checker, data: LineDict, file: Path) -> Job:
         check.ctx.wildcards = (file.parent / wildcards).resolve()
         if not check.ctx.wildcards.is_dir():
             check.problem(data.lines["wildcards"], "wildcards", f"{check.ctx.wildcards} is not a folder")
-    folders = {key: _folder(check, data, key) for key in ("lora_folder", "embedding_folder")}
+    folders = {key: _folder(check, data, key) for key in ("lora_folder", "embedding_folder", "upscaler_folder")}
     filename = check.text_key(data, "filename", DEFAULT_TEMPLATE) or DEFAULT_TEMPLATE
     _check_filename(check, filename, data.lines.get("filename", 0))
     sheet = _sheet(check, data.get("sheet"), data.lines.get("sheet", 0))
@@ -435,8 +438,35 @@ def _defaults(check: _Checker, data: LineDict) -> LineDict:
         defaults = LineDict()
         defaults.lines = {}
     elif "defaults" in data:
-        check.unknown_keys(defaults, PARAMS, "defaults")
-    return defaults
+        check.unknown_keys(defaults, (*PARAMS, "hires"), "defaults")
+    return _hires_block(check, defaults, "defaults.")
+
+
+def _hires_block(check: _Checker, block: LineDict, prefix: str) -> LineDict:
+    """The block with its `hires:` mapping spread into the recipe's hires fields (`scale` ->
+    hires_scale, `denoise` -> strength ...), each keeping its line; `hires: none` sets nothing."""
+    if "hires" not in block:
+        return block
+    out = LineDict({k: v for k, v in block.items() if k != "hires"})
+    out.line, out.lines, out.labels = block.line, dict(block.lines), {}
+    hires, line = block["hires"], block.lines["hires"]
+    if hires is None or hires is False or hires == "none":
+        return out
+    if not isinstance(hires, LineDict):
+        check.problem(line, prefix + "hires", f"must be a mapping (scale: 2, denoise: 0.5, ...), got {show(hires)}")
+        return out
+    for key, value in hires.items():
+        name = HIRES_KEYS.get(key)
+        if name is None:
+            guess = difflib.get_close_matches(str(key), list(HIRES_KEYS), n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else f"; hires takes: {', '.join(HIRES_KEYS)}"
+            check.problem(hires.lines[key], f"{prefix}hires.{key}", f"unknown key{hint}")
+        elif name in block:
+            check.problem(hires.lines[key], f"{prefix}hires.{key}", f"{name} is given twice (here and as {name}:)")
+        else:
+            out[name], out.lines[name] = value, hires.lines[key]
+            out.labels[name] = f"hires.{key}"
+    return out
 
 
 def _run_blocks(check: _Checker, data: LineDict) -> list[tuple[Any, int]]:
@@ -461,11 +491,16 @@ def _parse_run(check: _Checker, index: int, block: LineDict, defaults: LineDict,
     values: dict[str, list] = {}
     sources: dict[str, Source] = {}
     before = len(check.problems)
+    block = _hires_block(check, block, prefix)
     for key in PARAMS:
         if key in block:
-            raw, line, label = block[key], block.lines[key], prefix + key
+            raw, line, label = block[key], block.lines[key], prefix + getattr(block, "labels", {}).get(key, key)
         elif key in defaults:
-            raw, line, label = defaults[key], defaults.lines[key], f"defaults.{key}"
+            raw, line = defaults[key], defaults.lines[key]
+            label = "defaults." + getattr(defaults, "labels", {}).get(key, key)
+        elif key == "strength" and any(k in d for k in ("hires_scale", "hires_size") for d in (block, defaults)):
+            values[key], sources[key] = [HIRES_DENOISE], Source(check.name, 0, "hires.denoise")
+            continue
         elif key in YAML_DEFAULTS or key in RUN_OPTIONS:
             values[key] = [YAML_DEFAULTS.get(key, RUN_OPTIONS.get(key))]
             sources[key] = Source(check.name, 0, key)
@@ -473,7 +508,8 @@ def _parse_run(check: _Checker, index: int, block: LineDict, defaults: LineDict,
         else:
             check.problem(block.line, prefix + key, f"missing: every run needs a {key} (here or in defaults:)")
             continue
-        parsed = check.values(key, raw, line)
+        shown = getattr(block if key in block else defaults, "labels", {}).get(key)  # hires.scale, not hires_scale
+        parsed = check.values(key, raw, line, shown)
         if parsed is not None:
             values[key] = parsed
             sources[key] = Source(check.name, line, label)
@@ -499,7 +535,7 @@ def _samples(runs: list[Run]) -> list[dict[str, Any]]:
     not when the plan names the files; `{strength:.2f}` fails on a txt2img run's empty strength)."""
     samples = []
     for run in runs:
-        first = {k: next((v for v in vs if v is not MODEL), None) for k, vs in run.values.items()}
+        first = {k: next((stand_in(v) for v in vs if v is not MODEL), None) for k, vs in run.values.items()}
         base = dict(first, size=first["size"] or (512, 512), cfg=first["cfg"] if first["cfg"] is not None else 7.5)
         base["seed"] = 0 if isinstance(base["seed"], RandomSeeds) else base["seed"]
         for name in ("prompt", "negative"):

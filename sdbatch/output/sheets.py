@@ -101,6 +101,7 @@ def sheet_axes(entries: list[dict], wanted: dict[str, str | None]) -> SheetSpec:
     """X, Y and page axes: those asked for, else the last varying axis (usually seed) across and the
     first one (usually prompt) down; every other varying axis gets one sheet per value."""
     varying = [a for a in SHEET_AXES if len({json.dumps(_axis_value(e, a)) for e in entries}) > 1]
+    varying = [a for a in varying if a in wanted.values() or not _follows_input(entries, a, varying)]
     x = wanted.get("x") if wanted.get("x") in varying else None
     y = wanted.get("y") if wanted.get("y") in varying else None
     rest = [a for a in varying if a not in (x, y)]
@@ -109,6 +110,19 @@ def sheet_axes(entries: list[dict], wanted: dict[str, str | None]) -> SheetSpec:
     if y is None and "y" not in wanted and rest:
         y = rest.pop(0)
     return SheetSpec(x, y, rest)
+
+
+def _follows_input(entries: list[dict], axis: str, varying: list[str]) -> bool:
+    """Whether an axis only follows the init image (a mask paired from a folder, a size taken from
+    the image): no axis of its own, else a folder of inputs would make a sheet per input."""
+    if axis == "init_image" or "init_image" not in varying:
+        return False
+    seen: dict[str, str] = {}
+    for e in entries:
+        value = json.dumps(_axis_value(e, axis))
+        if seen.setdefault(json.dumps(e.get("init_image")), value) != value:
+            return False
+    return True
 
 
 def _font(size: int) -> ImageFont.ImageFont:

@@ -10,13 +10,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from .. import hires
 from ..addons.embeddings import EmbeddingLookup, read_embedding
 from ..addons.library import Addons, EmbeddingUse, LoraUse
 from ..addons.lora import LoraFile, read_lora
@@ -122,6 +124,7 @@ class Tuning:
     vae_batch: int | None = None
     low_vram: bool = False
     vae_tile: int | None = None  # decode latents larger than this many cells per side in tiles
+    upscale_tile: int | None = 192  # upscaler models run in tiles of this many pixels (A1111's default)
 
 
 class Pipeline:
@@ -312,47 +315,118 @@ class Pipeline:
                 f"which this model's VAE needs"
             )
         self.use_loras(requests[0].addons.loras)
+        latents = self._sample(requests, [r.recipe for r in requests])
+        if first.hires:
+            latents = self._second_pass(requests, latents)
+        return self._decode(requests, latents)
+
+    def _sample(
+        self,
+        requests: Sequence[Request],
+        recipes: Sequence[Recipe],
+        given: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One sampling pass over the batch; its final scaled latents. `recipes` (one per request)
+        give the pass's parameters: the requests' own, or their hires second passes. `given` (the
+        second pass) makes the scaled latents to start from, given the images' own generators (a
+        pixel upscaler's VAE sample draws from them first, as img2img's does); the pass is then
+        img2img from them at `strength`, by the compat's rule: diffusers' int(steps * strength) of
+        `steps`, or A1111's hires rule, exactly `steps` of a schedule of int(steps / strength)."""
+        first = recipes[0]
         sampler = get_sampler(first.sampler)
-        schedule, plan = self._plan(first)
-        begin_at = None
-        if first.a1111_sigmas and first.strength is not None:
+        if given is not None and first.a1111_sigmas:
+            total, begin_at = a1111_img2img(first.steps, first.strength, fixed_steps=first.steps)
+            schedule, plan = self._plan(replace(first, steps=total))
+        else:
+            schedule, plan = self._plan(first)
+            begin_at = None
+        if given is None and first.a1111_sigmas and first.strength is not None:
             begin_at = a1111_img2img(first.steps, first.strength)[1]  # A1111's rule: t_enc + 1 steps
         shape = (4, first.height // self.latent_factor, first.width // self.latent_factor)
-        gens = [torch.Generator().manual_seed(r.recipe.seed) for r in requests]
+        gens = [torch.Generator().manual_seed(r.seed) for r in recipes]
 
         def own() -> torch.Tensor:
             """One standard normal latent per image, from that image's own generator (on CPU)."""
             return torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(self.device)
 
-        draw = own if first.rng == "diffusers" else self._a1111_noise(requests, shape)
+        draw = own if first.rng == "diffusers" else self._a1111_noise(recipes, shape)
         # the VAE posterior's sample: in diffusers' order the first draw of the same generator; A1111
         # draws it from its global generator, which no seed reproduces: here the image's own generator
-        begin = self._start(requests, plan, draw, own, begin_at)
+        if given is None:
+            begin = self._start(requests, plan, draw, own, begin_at)
+        else:
+            begin = start.from_image(plan, draw, given(own), first.steps, first.strength, begin_at)
         # A1111 counts prompt-editing steps per model call, over 2 x steps for its second-order samplers
         calls = 2 if sampler.second_order and first.a1111_sigmas else 1
         rows = GuidanceRows(
-            [r.recipe.cfg for r in requests],
-            [(self._schedule(r, strip_networks(r.recipe.prompt), calls), self._uncond(r, calls)) for r in requests],
+            [r.cfg for r in recipes],
+            [
+                (self._schedule(q, r, strip_networks(r.prompt), calls), self._uncond(q, r, calls))
+                for q, r in zip(requests, recipes, strict=True)
+            ],
             self.device,
         )
         noise: Callable = draw
         if sampler.brownian:  # noise(sigma, sigma_next): A1111's per-image Brownian trees, or plain draws
-            seeds = [r.recipe.seed for r in requests]
+            seeds = [r.seed for r in recipes]
             noise = BrownianNoise(begin.x, seeds, plan.sigmas) if first.rng != "diffusers" else lambda s, n: draw()
         model = self._denoiser(rows, begin, schedule, count_calls=calls > 1)
         x = sampler.sample(model, begin.x, begin.plan.sigmas, noise, begin.after_step)
-        return self._decode(requests, begin.plan.to_vp(x))
+        return begin.plan.to_vp(x)
 
-    def _schedule(self, request: Request, text: str, calls: int = 1) -> Schedule:
+    def _second_pass(self, requests: Sequence[Request], latents: torch.Tensor) -> torch.Tensor:
+        """Hires fix (A1111's `sample_hr_pass`): the first pass's latents upscaled in latent space,
+        or decoded to 8-bit images (as A1111 does), upscaled and encoded again; cropped to the
+        target for a resize of another aspect; then the second pass, img2img from them."""
+        first = requests[0].recipe
+        goal, f = first.hires_target(), self.latent_factor
+        w, h = goal.cells
+        name = first.hires_upscaler
+        if hires.is_latent(name):
+            _, mode, antialias = hires.LATENT[name]
+            upscaled = F.interpolate(latents, size=(h // f, w // f), mode=mode, antialias=antialias)
+
+            def given(own: Callable[[], torch.Tensor]) -> torch.Tensor:
+                return self._crop(upscaled, goal.crop)
+
+        else:
+            low = self._decode_images(latents)
+            use = requests[0].addons.upscaler
+            big = [self._upscale(image, (w, h), name, use) for image in to_pil(low)]
+            pixels = torch.cat([image_tensor(image, w, h) for image in big]).to(self.device)
+
+            def given(own: Callable[[], torch.Tensor]) -> torch.Tensor:
+                return self._crop(self._encode(pixels, own), goal.crop)
+
+        return self._sample(requests, [r.recipe.second_pass() for r in requests], given)
+
+    def _crop(self, latents: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
+        """A1111's centred crop of the upscaled latents (`truncate_x/y`, in latent cells)."""
+        tx, ty = crop[0] // self.latent_factor, crop[1] // self.latent_factor
+        return latents[:, :, ty // 2 : latents.shape[2] - (ty + 1) // 2, tx // 2 : latents.shape[3] - (tx + 1) // 2]
+
+    def _upscale(self, image: Image.Image, size: tuple[int, int], name: str, use: Any) -> Image.Image:
+        """A decoded first-pass image brought to `size`: Lanczos or nearest (A1111's "None" is a
+        Lanczos resize too), or an upscaler model run tiled until big enough, then Lanczos."""
+        if name in hires.PIXEL:
+            return image.resize(size, Image.Resampling.NEAREST if name == "nearest" else Image.Resampling.LANCZOS)
+        if use is None:
+            raise RequestError(f"hires upscaler {name!r}: the request names no upscaler file")
+        from ..upscale.esrgan import load_upscaler, upscale_image
+
+        net = self._addon_file(use, lambda path: load_upscaler(path, self.device, self.dtype))
+        return upscale_image(net, image, size, tile=self.tuning.upscale_tile)
+
+    def _schedule(self, request: Request, recipe: Recipe, text: str, calls: int = 1) -> Schedule:
         """The prompt's contexts over the recipe's steps: (end step, context) per stretch of prompt
         editing (A1111's `[from:to:when]`, `[a|b]`); one entry for a prompt without editing. As in
         A1111, an img2img run of the last n of `steps` walks the schedule of all `steps` from its start."""
-        recipe, embeddings = request.recipe, request.addons.embeddings
+        embeddings = request.addons.embeddings
         steps = recipe.steps * calls  # `calls`: model calls per step, as A1111 counts them
         return [(end, self._context(recipe, part, embeddings)) for end, part in prompt_schedule(text, steps)]
 
-    def _uncond(self, request: Request, calls: int = 1) -> Schedule | None:
-        return None if request.recipe.cfg == 1 else self._schedule(request, request.recipe.negative, calls)
+    def _uncond(self, request: Request, recipe: Recipe, calls: int = 1) -> Schedule | None:
+        return None if recipe.cfg == 1 else self._schedule(request, recipe, recipe.negative, calls)
 
     def _plan(self, recipe: Recipe) -> tuple[NoiseSchedule, StepPlan]:
         """The noise schedule and step plan: as diffusers' scheduler for the sampler plans it, or, for
@@ -367,12 +441,13 @@ class Pipeline:
         discard = sampler.a1111 in DISCARD_NEXT_TO_LAST
         return self.ldm_schedule, a1111_plan(self.ldm_schedule, recipe.steps, kind, discard)
 
-    def _a1111_noise(self, requests: Sequence[Request], shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+    def _a1111_noise(self, recipes: Sequence[Recipe], shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
         """A1111's noise for the batch (`noise.a1111.ImageNoise`): the first draw is the initial
-        latent noise (variation seed and seed resize applied), each later one a step's noise."""
+        latent noise (variation seed and seed resize applied), each later one a step's noise. Hires
+        fix's second pass starts a new one at its own shape from the same seeds, as A1111 does."""
         from ..noise.a1111 import ImageNoise
 
-        r = [q.recipe for q in requests]
+        r = recipes
         noise = ImageNoise(
             shape,
             [x.seed for x in r],
@@ -399,7 +474,7 @@ class Pipeline:
         if first.init_image is None:  # txt2img on an inpainting model: everything is to be painted
             images = torch.zeros(len(requests), 3, h, w)
         else:
-            images = torch.cat([image_tensor(r.init_image, w, h) for r in requests])
+            images = torch.cat([image_tensor(r.init_image, w, h, r.recipe.resize) for r in requests])
         images = images.to(self.device)
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
@@ -408,7 +483,10 @@ class Pipeline:
         if first.mode == "img2img" and not self.inpainting_model:
             return start.from_image(plan, draw, encode(images), first.steps, first.strength, begin_at)
         masks = torch.cat(
-            [mask_tensor(r.mask, w, h) if r.mask is not None else torch.ones(1, 1, h, w) for r in requests]
+            [
+                mask_tensor(r.mask, w, h, r.recipe.resize) if r.mask is not None else torch.ones(1, 1, h, w)
+                for r in requests
+            ]
         ).to(self.device)
         if self.inpainting_model:
             full = first.mode == "txt2img" or (first.mode == "inpaint" and first.strength == 1.0)
@@ -463,12 +541,15 @@ class Pipeline:
         def decode(part: torch.Tensor) -> torch.Tensor:
             return vae.decode(self._layout(part.to(self.dtype))).float()
 
-        tile = self.tuning.vae_tile
+        f = self.latent_factor
+        auto = hires.auto_vae_tile((z.shape[-1] * f, z.shape[-2] * f))
+        tile = self.tuning.vae_tile or (auto // f if auto else None)
         if tile is None or max(z.shape[-2:]) <= tile:
             return decode(z)
         return tiled_decode(decode, z, tile, max(1, tile // 4), self.latent_factor)
 
-    def _decode(self, requests: Sequence[Request], latents: torch.Tensor) -> list[Result]:
+    def _decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (float32), vae_batch at a time."""
         z = latents / self.model.config.vae.scale_factor
         step = self.tuning.vae_batch or len(z)
         with self._on_device(self.model.vae) as vae:
@@ -478,6 +559,10 @@ class Pipeline:
                 # fp16 activations can overflow in the VAE's last up-blocks: decode those in fp32
                 with upcast(vae):
                     images[bad] = vae.decode(z[bad].float()).float()
+        return images
+
+    def _decode(self, requests: Sequence[Request], latents: torch.Tensor) -> list[Result]:
+        images = self._decode_images(latents)
         finite_latents = torch.isfinite(latents).flatten(1).all(dim=1)
         results: list[Result] = []
         for k, r in enumerate(requests):

@@ -37,7 +37,7 @@ def from_image(
     """img2img: the encoded image noised to the step where the last int(steps * strength) begin."""
     noise = draw()
     plan = plan.from_step(_first(steps, strength, begin_at))
-    return Start(latents + noise * plan.sigmas[0], plan)
+    return Start(plan.noised(latents, noise), plan)
 
 
 def inpaint(
@@ -60,7 +60,7 @@ def inpaint(
         x = noise * plan.initial_noise_scale()
     else:
         plan = plan.from_step(_first(steps, strength, begin_at))
-        x = latents + noise * plan.sigmas[0]
+        x = plan.noised(latents, noise)
     small = F.interpolate(masks, size=tuple(x.shape[-2:]))
     # diffusers encodes the masked image for 4-channel models too and never uses it; its sample
     # draw is made here as well so that every later draw (and image) lines up
@@ -93,7 +93,7 @@ def inpaint_model(
     noise = draw()
     if not full:
         plan = plan.from_step(_first(steps, strength, begin_at))
-        x = latents + noise * plan.sigmas[0]
+        x = plan.noised(latents, noise)
     else:
         x = noise * plan.initial_noise_scale()
     small = F.interpolate(masks, size=tuple(x.shape[-2:]))
@@ -103,5 +103,6 @@ def inpaint_model(
 
 def _first(steps: int, strength: float, begin_at: int | None) -> int:
     """The plan step img2img starts at: `begin_at` when the sampler's convention gives one (A1111's
-    rule for k-diffusion samplers, `samplers.schedule.a1111_img2img`), else diffusers' rule."""
+    rule for k-diffusion samplers, `samplers.schedule.a1111_img2img`; 0 for A1111's timestep samplers,
+    whose plan is made for the img2img run, `samplers.timesteps`), else diffusers' rule."""
     return img2img_start(steps, strength) if begin_at is None else begin_at

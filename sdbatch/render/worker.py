@@ -31,14 +31,14 @@ def build_renderer(spec: ModelSpec) -> Render:
     pipeline = Pipeline.from_file(
         spec.path, vae=spec.vae, device=spec.device, dtype=dtype, tuning=spec.tuning or Tuning()
     )
-    images: dict[str, Any] = {}
-
-    def image(path: str | None) -> Any:
-        if path is not None and path not in images:
-            images[path] = open_image(path)
-        return None if path is None else images[path]
-
     def render(batch: list) -> Results:
+        images: dict[str, Any] = {}  # opened for this batch only: a folder of inputs is never held at once
+
+        def image(path: str | None) -> Any:
+            if path is not None and path not in images:
+                images[path] = open_image(path)
+            return None if path is None else images[path]
+
         requests = [Request(t.recipe, image(t.recipe.init_image), image(t.recipe.mask), t.addons) for t in batch]
         return [(r.image, r.error) for r in pipeline.render(requests)]
 

@@ -6,6 +6,11 @@ diffusers: their plans are A1111's (sigmas.py: its "Automatic" schedule, or Karr
 model between the plan's sigmas (model(x, i, sigma): a SigmaDenoiser), and the `brownian` ones take a
 NoiseSampler noise(sigma, sigma_next) (A1111's per-image Brownian tree, brownian.py) instead of noise().
 
+The "timestep" samplers ddim, plms and unipc walk diffusers' plans under `compat: diffusers` (DDIMScheduler,
+PNDMScheduler, UniPCMultistepScheduler as SD 1.x configures them) and A1111's under `compat: a1111`
+(timesteps.py: its grid 1, 1 + 1000 // steps, ..., its img2img rule, its UniPC variant); their
+`sample` is the same for both, the plan carries the difference.
+
 This table is torch-free (the modules load on first use), so jobs can check sampler names and
 write A1111 names without importing torch.
 """
@@ -35,7 +40,7 @@ class Sampler:
     @property
     def a1111_plan(self) -> bool:
         """Planned as A1111 plans k-diffusion samplers (its sigmas and img2img step rule, the LDM
-        noise schedule), not as diffusers' schedulers: the samplers after `lcm` in the table."""
+        noise schedule), not as diffusers' schedulers: the k-diffusion samplers (A1111_PLANNED)."""
         return self.name in A1111_PLANNED
 
     @property
@@ -125,6 +130,9 @@ SAMPLERS: dict[str, Sampler] = {
             aliases=("k_dpmpp_3m_sde", "dpm++_3m_sde"),
             brownian=True,
         ),
+        # A1111's other timestep samplers (with ddim): diffusers' PNDM (PLMS) and UniPC, or A1111's own
+        Sampler("plms", "PLMS", ancestral=False, karras=False, aliases=("pndm",)),
+        Sampler("unipc", "UniPC", ancestral=False, karras=False, aliases=("uni_pc",)),
     )
 }
 # A1111's schedule types (`Schedule type:`): our name -> A1111's label; "automatic" is each sampler's own
@@ -143,7 +151,10 @@ SCHEDULE_LABELS = {
     "beta": "Beta",
 }
 # the samplers that walk fixed timesteps as diffusers' schedulers do, with no A1111 counterpart here
-DIFFUSERS_ONLY = frozenset(("ddpm", "ddim", "lcm"))
+DIFFUSERS_ONLY = frozenset(("ddpm", "lcm"))
+# A1111's "timestep" samplers (modules/sd_samplers_timesteps.py): diffusers' plans under compat diffusers,
+# A1111's timestep grid under compat a1111 (timesteps.py); no schedule type applies to them
+A1111_TIMESTEPS = frozenset(("ddim", "plms", "unipc"))
 # the k-diffusion samplers of the table
 A1111_PLANNED = frozenset(
     ("lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")

@@ -1,4 +1,7 @@
-"""DDIM with eta = 0 (Song et al. 2021): deterministic; on DDIM's own sigmas it is an Euler step."""
+"""DDIM with eta = 0 (Song et al. 2021): deterministic; on DDIM's own sigmas it is an Euler step.
+
+compat diffusers: diffusers' DDIMScheduler as SD 1.x configures it (plan below). compat a1111: A1111's
+"DDIM" on its grid, one step fewer than the grid has points, ending at t = 1 (timesteps.py)."""
 
 import numpy as np
 from torch import Tensor

@@ -97,6 +97,10 @@ class StepPlan:
     timesteps: torch.Tensor  # (n,) float32
     sigmas: torch.Tensor  # (n + 1,) float32
     vp_init: bool  # pure noise starts at std sqrt(1 + sigma_0^2) (DDPM/DDIM/DPM) instead of sigma_0 (Euler)
+    # img2img: the noise level the image is noised to, when it is not sigmas[0]. A1111's timestep samplers
+    # noise it to the grid point above the first one they run, and then take that VP latent as it is
+    # (timesteps.py); `noised` gives the VE latent at sigmas[0] of that VP latent. 0-d tensor or None
+    noise_sigma: torch.Tensor | None = None
 
     @classmethod
     def of(cls, timesteps: np.ndarray, sigmas: np.ndarray, final_sigma: float, vp_init: bool) -> "StepPlan":
@@ -123,7 +127,18 @@ class StepPlan:
 
     def from_step(self, start: int) -> "StepPlan":
         """The tail of the plan that img2img runs after noising the image to step `start`."""
+        if start == 0:
+            return self
         return StepPlan(self.timesteps[start:], self.sigmas[start:], self.vp_init)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """img2img's first latent: the image's latents noised to the plan's start (VE, at sigmas[0]).
+        With `noise_sigma`, the VP latent (latents + noise * noise_sigma) / sqrt(1 + noise_sigma^2),
+        taken as the VP latent at sigmas[0], as A1111's timestep samplers take it."""
+        if self.noise_sigma is None:
+            return latents + noise * self.sigmas[0]
+        s = self.noise_sigma
+        return (latents + noise * s) * ((1 + self.sigmas[0] ** 2) / (1 + s**2)).sqrt()
 
     def initial_noise_scale(self) -> torch.Tensor:
         sigma = self.sigmas[0]
