@@ -29,7 +29,7 @@ from .images import RESIZE_MODES
 from .output.a1111 import format_infotext, number_text, parse_infotext
 from .prompts import prompt_problem
 from .prompts.networks import LoraTag, lora_tags, name_problem, strip_networks, weight_problem
-from .samplers import DIFFUSERS_ONLY, SAMPLER_NAMES, SAMPLERS, SCHEDULE_LABELS
+from .samplers import A1111_TIMESTEPS, DIFFUSERS_ONLY, SAMPLER_NAMES, SAMPLERS, SCHEDULE_LABELS
 from .text import text_problem
 
 MAX_SIDE = 8192
@@ -109,6 +109,11 @@ class Recipe:
         return (*plan, self.size, self.mode, self.strength, self.loras(), noise, *hires, self.hires_schedule)
 
     @property
+    def output_size(self) -> tuple[int, int]:
+        """The image's size: the hires fix's target, else `size`."""
+        return self.hires_target().size if self.hires else self.size
+
+    @property
     def hires(self) -> bool:
         """Rendered in two passes (A1111's hires fix): a hires scale or size is set."""
         return self.hires_scale is not None or self.hires_size is not None
@@ -140,7 +145,8 @@ class Recipe:
     @property
     def a1111_sigmas(self) -> bool:
         """Planned as A1111 plans (its sigmas, its img2img rule): the k-diffusion samplers always,
-        the others under `compat: a1111` or with a schedule type of their own."""
+        the others under `compat: a1111` (ddim, plms, unipc: A1111's timestep grid) or with a
+        schedule type of their own."""
         sampler = SAMPLERS.get(self.sampler)
         return bool(sampler and sampler.a1111_plan) or self.compat == "a1111" or self.schedule != "automatic"
 
@@ -166,9 +172,10 @@ class Recipe:
             yield "karras", f"karras does not apply to {self.sampler} (fixed timesteps)"
         if self.karras and self.schedule not in ("automatic", "karras"):
             yield "schedule", f"karras: true is schedule: karras; it cannot be combined with schedule: {self.schedule}"
-        if self.sampler in DIFFUSERS_ONLY and (self.schedule != "automatic" or self.compat == "a1111"):
-            field = "schedule" if self.schedule != "automatic" else "compat"
-            yield field, f"{self.sampler} walks diffusers' fixed timesteps: no A1111 schedule or compat for it yet"
+        if self.sampler in DIFFUSERS_ONLY | A1111_TIMESTEPS and self.schedule != "automatic":
+            yield "schedule", f"{self.sampler} walks fixed timesteps: schedule types apply to the k-diffusion samplers"
+        elif self.sampler in DIFFUSERS_ONLY and self.compat == "a1111":
+            yield "compat", f"{self.sampler} walks diffusers' fixed timesteps: no A1111 compat for it yet"
         limit = SAMPLERS[self.sampler].max_steps if self.sampler in SAMPLERS else 1000
         if isinstance(self.steps, int) and self.steps > limit:
             yield "steps", f"{self.sampler} takes at most {limit} steps (its timestep grid), got {self.steps}"
@@ -550,7 +557,11 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, list) or len(value) != 2:
             raise ValueError(f"must be [width, height], got {value!r}")
         return tuple(value)
-    if name in ("cfg", "subseed_strength", "hires_scale", "hires_cfg") and isinstance(value, int) and not isinstance(value, bool):
+    if (
+        name in ("cfg", "subseed_strength", "hires_scale", "hires_cfg")
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+    ):
         return float(value)
     if name == "lora":
         if not isinstance(value, list) or not all(isinstance(v, list) and len(v) == 3 for v in value):

@@ -27,6 +27,7 @@ from typing import Any
 from . import __version__
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError
 from .files import clean_temp_files, no_link, prepare_folder, read_record, write_atomic
+from .hires import auto_vae_tile
 from .jobs import Job, Task, draw_randoms
 from .output.manifest import (
     Manifest,
@@ -101,6 +102,7 @@ def entry_for(task: Task, file: str | None, job: Job, status: str, **extra: Any)
         "status": status,
         **task.recipe.to_record(),
         **({"addons": task.addons.record()} if task.addons else {}),
+        **({"vae_tile": tile} if (tile := auto_vae_tile(task.recipe.output_size)) else {}),
         **({"sources": _sources(task)} if task.sources else {}),
         "index": task.index,
         "run": task.run,

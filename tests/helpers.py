@@ -9,7 +9,9 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
+    PNDMScheduler,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -93,6 +95,17 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+class _Deterministic:
+    """A deterministic scheduler whose `step` takes (and ignores) the `generator` the others take."""
+
+    @staticmethod
+    def of(cls):
+        def step(self, *args, generator=None, **kwargs):
+            return cls.step(self, *args, **kwargs)
+
+        return type(cls.__name__, (cls,), {"step": step})
+
+
 def diffusers_scheduler(name: str, karras: bool, steps: int | None = None):
     """The diffusers scheduler that our sampler `name` matches (set to `steps` if given)."""
     if name == "ddpm":
@@ -105,6 +118,12 @@ def diffusers_scheduler(name: str, karras: bool, steps: int | None = None):
         sched = EulerAncestralDiscreteScheduler(**BETAS)
     elif name == "lcm":
         sched = LCMScheduler(**BETAS)
+    elif name == "plms":  # SD 1.x's own scheduler config
+        sched = _Deterministic.of(PNDMScheduler)(
+            **BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False
+        )
+    elif name == "unipc":  # UniPCMultistepScheduler.from_config of that config
+        sched = _Deterministic.of(UniPCMultistepScheduler).from_config(diffusers_scheduler("plms", False).config)
     else:
         sched = DPMSolverMultistepScheduler(
             **BETAS, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=karras

@@ -91,7 +91,7 @@ def test_compat_a1111_in_a_job_brings_a1111_noise_unless_rng_is_given(tmp_path):
     assert load_job(job).runs[0].values["rng"] == ["diffusers"]
     for body, message in (
         ("sampler: euler\nkarras: true\nschedule: exponential\n", "karras: true is schedule: karras"),
-        ("sampler: ddim\ncompat: a1111\n", "ddim walks diffusers' fixed timesteps"),
+        ("sampler: ddpm\ncompat: a1111\n", "ddpm walks diffusers' fixed timesteps"),
         ("schedule: wobbly\n", "unknown schedule type 'wobbly'"),
     ):
         job.write_text(f"prompt: {PROMPT}\n{body}")

@@ -120,7 +120,9 @@ def rendered(path: Path) -> dict[str, dict]:
     for e in entries:
         with Image.open(path.parent / "out" / e["file"]) as im:
             assert list(im.size) == e["size"], "the image has its recipe's size"
-    return {Path(e["init_image"]).stem: e for e in entries}
+    by_stem = {Path(e["init_image"]).stem: e for e in entries}
+    assert len(by_stem) == len(entries), "one image per input"
+    return by_stem
 
 
 def squares(side: int) -> dict[str, tuple[int, int]]:
@@ -226,9 +228,9 @@ def test_the_manifest_records_each_source_and_the_sha256_its_id_was_made_from(tm
 def stripes(size: tuple[int, int], vertical: bool) -> Image.Image:
     """Three bands across the long side: green, red (the centre half), blue."""
     w, h = size
-    image = Image.new("RGB", size, "red")
+    image = Image.new("RGB", size, (255, 0, 0))
     long = w if vertical else h
-    for colour, start, end in (("green", 0, long // 4), ("blue", long - long // 4, long)):
+    for colour, start, end in (((0, 255, 0), 0, long // 4), ((0, 0, 255), long - long // 4, long)):
         image.paste(colour, (start, 0, end, h) if vertical else (0, start, w, end))
     return image
 
@@ -243,7 +245,7 @@ def test_resize_modes_stretch_crop_the_centre_or_fill_the_borders_with_edge_pixe
     assert crop.size == (32, 32)
     assert all(crop.getpixel((x, y))[0] > 200 for x in (0, 16, 31) for y in (0, 31)), "the centre (all red) is kept"
     fill = fit(wide, 32, 32, "init_image", "fill")  # the image scaled to 32x16 at rows 8-23
-    assert fill.getpixel((16, 16)) == just.resize((32, 16)).getpixel((16, 8))
+    assert fill.getpixel((16, 16)) == wide.resize((32, 16), Image.Resampling.LANCZOS).getpixel((16, 8))
     for y in (0, 4, 27, 31):  # borders: the top and bottom rows stretched down and up, never black
         assert fill.getpixel((2, y))[1] > 200 and fill.getpixel((16, y))[0] > 200 and fill.getpixel((29, y))[2] > 200
     tall = fit(stripes((32, 64), vertical=False), 32, 32, "mask", "fill")  # left and right borders

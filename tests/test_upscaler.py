@@ -420,6 +420,10 @@ def test_refuses_missing_extra_and_misshapen_layers_naming_one(tmp_path):
     refused(write(tmp_path / "missing.safetensors", missing), "body.1.rdb2.conv3.weight", "missing")
     old = {k: v for k, v in to_esrgan(state, NB, 2).items() if k != "model.1.sub.1.RDB2.conv3.0.weight"}
     refused(write(tmp_path / "old-missing.pth", old), "model.1.sub.1.RDB2.conv3.0.weight", "missing")
+    bsr = {k: v for k, v in to_basicsr_old(state).items() if k != "upconv2.weight"}
+    refused(write(tmp_path / "bsr-missing.pth", bsr), "old BasicSR layout", "upconv2.weight missing")
+    late = to_esrgan(state, NB, 2) | {"model.12.weight": torch.zeros(8, 8, 3, 3)}
+    refused(write(tmp_path / "late.pth", late), "model.10, model.12", "do not end as ESRGAN's")
     extra = state | {"body.0.rdb1.conv6.weight": torch.zeros(4, 8, 3, 3)}
     refused(write(tmp_path / "extra.safetensors", extra), "body.0.rdb1.conv6.weight")
     refused(write(tmp_path / "noise.pth", state | {"whatever": torch.zeros(1)}), "whatever")

@@ -352,7 +352,7 @@ def check_embedding(path: str, sha256: str, width: int, chunk: int) -> int:
 def check_upscaler(path: str, sha256: str) -> str:
     """What the upscaler file is (`UpscalerInfo`, from its header), or an error saying why it is
     not an upscaler sdbatch can run (another architecture, code in a pickle, damaged)."""
-    from ..upscale.esrgan import read_upscaler
+    from ..upscale.files import read_upscaler
 
     return str(read_upscaler(path))
 

@@ -29,10 +29,11 @@ from ..models import StableDiffusion
 from ..prompts import parse_attention, prompt_schedule
 from ..prompts.networks import strip_networks
 from ..recipe import EMPHASIS, Recipe
-from ..samplers import NoiseSchedule, get_sampler
+from ..samplers import A1111_TIMESTEPS, NoiseSchedule, get_sampler
 from ..samplers.brownian import BrownianNoise
 from ..samplers.schedule import StepPlan, a1111_img2img
 from ..samplers.sigmas import DISCARD_NEXT_TO_LAST, a1111_plan, automatic_plan, sigma_to_t
+from ..samplers.timesteps import a1111_plan as timestep_plan
 from ..tokenizer import COMMA_BACKTRACK, Tokenizer, load_tokenizer
 from . import start
 from .decode import tiled_decode, upcast
@@ -342,6 +343,11 @@ class Pipeline:
             begin_at = None
         if given is None and first.a1111_sigmas and first.strength is not None:
             begin_at = a1111_img2img(first.steps, first.strength)[1]  # A1111's rule: t_enc + 1 steps
+        if first.a1111_sigmas and first.sampler in A1111_TIMESTEPS and first.strength is not None:
+            # A1111's DDIM/PLMS/UniPC: a plan made for the img2img run, noised one grid point above it
+            fixed = first.steps if given is not None else None
+            plan = timestep_plan(self.ldm_schedule, first.sampler, first.steps, first.strength, fixed)
+            begin_at = 0
         shape = (4, first.height // self.latent_factor, first.width // self.latent_factor)
         gens = [torch.Generator().manual_seed(r.seed) for r in recipes]
 
@@ -369,7 +375,10 @@ class Pipeline:
         noise: Callable = draw
         if sampler.brownian:  # noise(sigma, sigma_next): A1111's per-image Brownian trees, or plain draws
             seeds = [r.seed for r in recipes]
-            noise = BrownianNoise(begin.x, seeds, plan.sigmas) if first.rng != "diffusers" else lambda s, n: draw()
+            if first.rng != "diffusers":  # the trees' normals from A1111's noise source (CUDA's, on any device)
+                noise = BrownianNoise(begin.x, seeds, plan.sigmas, source=first.rng)
+            else:
+                noise = lambda s, n: draw()  # noqa: E731
         model = self._denoiser(rows, begin, schedule, count_calls=calls > 1)
         x = sampler.sample(model, begin.x, begin.plan.sigmas, noise, begin.after_step)
         return begin.plan.to_vp(x)
@@ -396,7 +405,7 @@ class Pipeline:
             pixels = torch.cat([image_tensor(image, w, h) for image in big]).to(self.device)
 
             def given(own: Callable[[], torch.Tensor]) -> torch.Tensor:
-                return self._crop(self._encode(pixels, own), goal.crop)
+                return self._encode(pixels, own, goal.crop)
 
         return self._sample(requests, [r.recipe.second_pass() for r in requests], given)
 
@@ -412,7 +421,7 @@ class Pipeline:
             return image.resize(size, Image.Resampling.NEAREST if name == "nearest" else Image.Resampling.LANCZOS)
         if use is None:
             raise RequestError(f"hires upscaler {name!r}: the request names no upscaler file")
-        from ..upscale.esrgan import load_upscaler, upscale_image
+        from ..upscale import load_upscaler, upscale_image
 
         net = self._addon_file(use, lambda path: load_upscaler(path, self.device, self.dtype))
         return upscale_image(net, image, size, tile=self.tuning.upscale_tile)
@@ -431,10 +440,13 @@ class Pipeline:
     def _plan(self, recipe: Recipe) -> tuple[NoiseSchedule, StepPlan]:
         """The noise schedule and step plan: as diffusers' scheduler for the sampler plans it, or, for
         the k-diffusion samplers, `compat: a1111` and a schedule type, as A1111 plans it (its
-        sigmas of the checkpoints' own noise schedule, the timesteps k-diffusion gives the UNet)."""
+        sigmas of the checkpoints' own noise schedule, the timesteps k-diffusion gives the UNet;
+        for DDIM, PLMS and UniPC its timestep grid, samplers/timesteps.py)."""
         sampler = get_sampler(recipe.sampler)
         if not recipe.a1111_sigmas:
             return self.schedule, sampler.plan(self.schedule, recipe.steps, recipe.karras)
+        if recipe.sampler in A1111_TIMESTEPS:  # DDIM, PLMS, UniPC on A1111's grid (txt2img; img2img: _sample)
+            return self.ldm_schedule, timestep_plan(self.ldm_schedule, recipe.sampler, recipe.steps)
         kind = "karras" if recipe.karras else recipe.schedule
         if kind == "automatic":
             return self.ldm_schedule, automatic_plan(self.ldm_schedule, recipe.steps, sampler.a1111)
@@ -493,10 +505,14 @@ class Pipeline:
             return start.inpaint_model(plan, draw, encode, images, masks, full, first.steps, first.strength, begin_at)
         return start.inpaint(plan, draw, encode, images, masks, first.steps, first.strength, own, begin_at)
 
-    def _encode(self, images: torch.Tensor, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Scaled latents sampled from the VAE posterior, one draw per image from its generator."""
+    def _encode(
+        self, images: torch.Tensor, draw: Callable[[], torch.Tensor], crop: tuple[int, int] = (0, 0)
+    ) -> torch.Tensor:
+        """Scaled latents sampled from the VAE posterior, one draw per image from its generator;
+        `crop`: pixels cropped off the posterior first, centred (`_crop`)."""
         with self._on_device(self.model.vae) as vae:
             mean, logvar = vae.encode(self._layout(images.to(self.dtype)))
+        mean, logvar = self._crop(mean, crop), self._crop(logvar, crop)
         sample = mean.float() + (0.5 * logvar.float()).exp() * draw()
         return sample * self.model.config.vae.scale_factor
 

@@ -24,7 +24,12 @@ from torch import Tensor
 from .schedule import AfterStep, Denoiser, NoiseSchedule, NoiseSource, StepPlan
 
 # Adams-Bashforth weights of the newest eps first, by how many there are
-ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+ADAMS_BASHFORTH = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
 
 
 def plan(schedule: NoiseSchedule, steps: int) -> StepPlan:

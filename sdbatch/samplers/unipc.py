@@ -55,8 +55,15 @@ def _coefficients(lambdas: list[float], lambda_t: float, order: int, variant: st
 
 
 def _update(
-    x: Tensor, s: Tensor, s_t: Tensor, history: list[Tensor], lambdas: list[float], lambda_t: float, order: int,
-    variant: str, model_t: Tensor | None = None,
+    x: Tensor,
+    s: Tensor,
+    s_t: Tensor,
+    history: list[Tensor],
+    lambdas: list[float],
+    lambda_t: float,
+    order: int,
+    variant: str,
+    model_t: Tensor | None = None,
 ) -> Tensor:
     """The predictor from x at sigma s to s_t, or with `model_t` (the estimate at s_t) the corrector."""
     h_phi_1, b_h, rks, rhos = _coefficients(lambdas, lambda_t, order, variant, model_t is not None)
@@ -90,8 +97,15 @@ def sample(
         denoised = model(x, i)
         if i:  # correct the step just made with the estimate at its end
             x = _update(
-                last, sigmas[i - 1], sigmas[i], history, lambdas[i - len(history) : i], lambdas[i], last_order,
-                variant, denoised,
+                last,
+                sigmas[i - 1],
+                sigmas[i],
+                history,
+                lambdas[i - len(history) : i],
+                lambdas[i],
+                last_order,
+                variant,
+                denoised,
             )
         history = [*history[-(order - 1) :], denoised] if order > 1 else [denoised]
         step_order = min(order, i + 1, n - i)
@@ -99,8 +113,16 @@ def sample(
         if levels[i + 1] == 0:  # order 1 (the last step): its limit at sigma 0 is the estimate
             x = denoised
         else:
-            x = _update(x, sigmas[i], sigmas[i + 1], history, lambdas[i + 1 - len(history) : i + 1], lambdas[i + 1],
-                        step_order, variant)
+            x = _update(
+                x,
+                sigmas[i],
+                sigmas[i + 1],
+                history,
+                lambdas[i + 1 - len(history) : i + 1],
+                lambdas[i + 1],
+                step_order,
+                variant,
+            )
         if after_step:
             x = after_step(i, x)
     return x

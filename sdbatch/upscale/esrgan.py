@@ -92,7 +92,7 @@ class RRDBNet(nn.Module):
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
         for conv in self.ups:
-            feat = lrelu(conv(F.interpolate(feat, scale_factor=2.0, mode="bilinear")))
+            feat = lrelu(conv(F.interpolate(feat, scale_factor=2.0, mode="nearest")))
         out = self.conv_last(lrelu(self.conv_hr(feat)))
         return out[..., : h * self.scale, : w * self.scale]
 

@@ -94,16 +94,16 @@ def read_upscaler(path: str | Path) -> UpscalerInfo:
     layout = _layout(shapes)
     if layout is None:
         raise UpscalerError(f"{path}: not an ESRGAN (RRDBNet) upscaler: it looks like {_describe(shapes)}")
-    ours = _rename_all(path, layout, shapes)
-    first, last = ours.get("conv_first.weight"), ours.get("conv_last.weight")
-    rdb = ours.get("body.0.rdb1.conv1.weight")
-    if first is None or last is None or rdb is None or len(first) != 4 or len(last) != 4 or len(rdb) != 4:
-        missing = [k for k in ("conv_first.weight", "conv_last.weight", "body.0.rdb1.conv1.weight") if k not in ours]
-        what = f"has no {_spell(missing[0], layout, ours)}" if missing else "has a first or last layer that is no conv"
-        raise UpscalerError(f"{path}: an incomplete {layout} upscaler: it {what}")
-    nf, in_nc, out_nc, gc = first[0], first[1], last[0], rdb[0]
+    ours, names = _rename_all(path, layout, shapes)
+    conv1 = next((k for k in ours if re.fullmatch(r"body\.\d+\.rdb\d\.conv1\.weight", k)), "body.0.rdb1.conv1.weight")
+    for key in ("conv_first.weight", "conv_last.weight", conv1):  # the layers that give the sizes
+        if len(ours.get(key, ())) != 4:
+            what = "missing" if key not in ours else f"of shape {list(ours[key])}, not a conv"
+            spelled = _spell(key, layout, ours) if key not in ours else names[key]
+            raise UpscalerError(f"{path}: an incomplete upscaler in {_NAMES[layout]} layout: {spelled} {what}")
+    (nf, in_nc), out_nc, gc = ours["conv_first.weight"][:2], ours["conv_last.weight"][0], ours[conv1][0]
     nb = 1 + max(int(k.split(".")[1]) for k in ours if k.startswith("body."))
-    upsamples = sum(1 for k in ours if re.fullmatch(r"conv_up\d+\.weight", k))
+    upsamples = max((int(m[1]) for k in ours if (m := re.fullmatch(r"conv_up(\d+)\.(weight|bias)", k))), default=0)
     unshuffle = next((f for f in (1, 2, 4) if in_nc == out_nc * f * f), 0)
     if not unshuffle or out_nc != 3:
         raise UpscalerError(
@@ -114,8 +114,7 @@ def read_upscaler(path: str | Path) -> UpscalerInfo:
         raise UpscalerError(
             f"{path}: {upsamples} upsampling stages with a pixel-unshuffle by {unshuffle}: no ESRGAN scale 1/2/4/8"
         )
-    _check_shapes(path, layout, ours, expected_shapes(nf, nb, gc, upsamples, in_nc, out_nc))
-    names = _file_names(layout, ours)
+    _check_shapes(path, layout, ours, names, expected_shapes(nf, nb, gc, upsamples, in_nc, out_nc))
     tensors = {k: refs[names[k]] for k in ours}
     return UpscalerInfo(path, layout, 2**upsamples // unshuffle, nf, nb, gc, in_nc, out_nc, unshuffle, tensors, names)
 
@@ -171,14 +170,16 @@ def _nested(path: Path) -> WeightsFile | None:
 # layouts and the rules renaming them to ours
 
 
+_DENSE_BLOCKS = {  # how each layout names its dense blocks: what tells the layouts apart
+    "esrgan": re.compile(r"model\.1\.sub\.\d+\.RDB\d\."),
+    "real-esrgan": re.compile(r"body\.\d+\.rdb\d\."),
+    "basicsr-old": re.compile(r"RRDB_trunk\.\d+\.RDB\d\."),
+}
+_NAMES = {"esrgan": "ESRGAN", "real-esrgan": "Real-ESRGAN", "basicsr-old": "old BasicSR"}
+
+
 def _layout(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    if "model.0.weight" in shapes and any(re.match(r"model\.1\.sub\.\d+\.RDB\d\.", k) for k in shapes):
-        return "esrgan"
-    if "conv_first.weight" in shapes and any(k.startswith("body.0.rdb1.") for k in shapes):
-        return "real-esrgan"
-    if "conv_first.weight" in shapes and any(k.startswith("RRDB_trunk.0.RDB1.") for k in shapes):
-        return "basicsr-old"
-    return None
+    return next((name for name, p in _DENSE_BLOCKS.items() if any(p.match(k) for k in shapes)), None)
 
 
 _OLD_BASICSR = [
@@ -194,9 +195,7 @@ def _esrgan_rules(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[re.Patter
     """The `model.N` rules depend on the file: the trunk conv is `model.1.sub.<nb>`, and the last
     two convs sit after k upsampling stages of three layers each (`model.<3k+2>`, `model.<3k+4>`)."""
     subs = [int(m[1]) for k in shapes if (m := re.fullmatch(r"model\.1\.sub\.(\d+)\.weight", k))]
-    tops = [int(m[1]) for k in shapes if (m := re.fullmatch(r"model\.(\d+)\.weight", k))]
-    trunk, end = max(subs, default=-1), max(tops, default=-1)
-    stages = (end - 4) // 3 if end >= 4 and (end - 4) % 3 == 0 else -1  # -1: no index is its last conv
+    trunk, stages = max(subs, default=-1), _esrgan_stages(shapes)
 
     def top(m: re.Match) -> str | None:
         index, kind = int(m[1]), m[2]
@@ -217,6 +216,12 @@ def _esrgan_rules(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[re.Patter
     ]  # fmt: skip
 
 
+def _esrgan_stages(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """k, from the last conv's index 3k + 4; -1 when the last top-level index is no such number."""
+    end = max((int(m[1]) for k in shapes if (m := re.fullmatch(r"model\.(\d+)\.(weight|bias)", k))), default=-1)
+    return (end - 4) // 3 if end >= 4 and (end - 4) % 3 == 0 else -1
+
+
 def _rules(layout: str, shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[re.Pattern, Any]]:
     if layout == "esrgan":
         return _esrgan_rules(shapes)
@@ -235,33 +240,38 @@ def _rename(key: str, rules: list[tuple[re.Pattern, Any]]) -> str | None:
     return None
 
 
-def _rename_all(path: Path, layout: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+def _rename_all(
+    path: Path, layout: str, shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The file's shapes by our keys, and our key -> the file's key (to load it, and to name it)."""
     if layout == "esrgan" and any(".conv1x1." in k for k in shapes):
         raise UpscalerError(f"{path}: an ESRGAN+ model (conv1x1 in its dense blocks); sdbatch runs plain ESRGAN")
+    if layout == "esrgan" and _esrgan_stages(shapes) < 0:
+        tops = sorted({int(m[1]) for k in shapes if (m := re.fullmatch(r"model\.(\d+)\.(weight|bias)", k))})
+        raise UpscalerError(
+            f"{path}: its top-level layers ({', '.join(f'model.{i}' for i in tops)}) do not end as ESRGAN's do "
+            "(model.3, model.6, ... for the x2 stages, then model.<3k+2> and model.<3k+4>)"
+        )
     rules = _rules(layout, shapes)
     ours: dict[str, tuple[int, ...]] = {}
+    names: dict[str, str] = {}
     unknown: list[str] = []
     for key, shape in shapes.items():
         name = _rename(key, rules)
         if name is None:
             unknown.append(key)
         elif name in ours:
-            raise UpscalerError(f"{path}: two of its tensors are the same layer ({name})")
+            raise UpscalerError(f"{path}: {names[name]} and {key} are the same layer")
         else:
-            ours[name] = shape
+            ours[name], names[name] = shape, key
     if unknown:
         shown = ", ".join(unknown[:SHOW]) + (", ..." if len(unknown) > SHOW else "")
-        raise UpscalerError(f"{path}: has keys that are no part of a {layout} RRDBNet ({shown})")
-    return ours
-
-
-def _file_names(layout: str, ours: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
-    """Our key -> the file's key (without `module.`), for messages and for loading."""
-    return {name: _spell(name, layout, ours) for name in ours}
+        raise UpscalerError(f"{path}: has keys that are no part of an RRDBNet in {_NAMES[layout]} layout ({shown})")
+    return ours, names
 
 
 def _spell(name: str, layout: str, ours: Mapping[str, tuple[int, ...]]) -> str:
-    """A key of ours as the file's layout spells it (also for keys the file lacks, to name them)."""
+    """A key of ours as the file's layout would spell it: to name a layer the file lacks."""
     if layout == "real-esrgan":
         return name
     if layout == "basicsr-old":
@@ -283,21 +293,25 @@ def _spell(name: str, layout: str, ours: Mapping[str, tuple[int, ...]]) -> str:
 
 
 def _check_shapes(
-    path: Path, layout: str, ours: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+    path: Path,
+    layout: str,
+    ours: Mapping[str, tuple[int, ...]],
+    names: Mapping[str, str],
+    expected: Mapping[str, tuple[int, ...]],
 ) -> None:
     missing = [k for k in expected if k not in ours]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         first = _spell(missing[0], layout, ours)
-        raise UpscalerError(f"{path}: an incomplete {layout} upscaler: {first}{more} missing")
+        raise UpscalerError(f"{path}: an incomplete upscaler in {_NAMES[layout]} layout: {first}{more} missing")
     extra = [k for k in ours if k not in expected]
     if extra:
-        shown = ", ".join(_spell(k, layout, ours) for k in extra[:SHOW])
+        shown = ", ".join(names[k] for k in extra[:SHOW])
         raise UpscalerError(f"{path}: has layers an RRDBNet of its size does not ({shown})")
     for key, shape in expected.items():
         if tuple(ours[key]) != shape:
             raise UpscalerError(
-                f"{path}: {_spell(key, layout, ours)} has shape {list(ours[key])}, expected {list(shape)} "
+                f"{path}: {names[key]} has shape {list(ours[key])}, expected {list(shape)} "
                 "(an RRDBNet whose layers do not fit together)"
             )
 
