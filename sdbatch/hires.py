@@ -34,8 +34,15 @@ A1111_MODELS = {
     "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B",
     "R-ESRGAN 2x+": "RealESRGAN_x2plus",
 }
-# A1111 upscalers of other network families (no RRDBNet): refused by name
-UNSUPPORTED = ("LDSR", "SwinIR", "ScuNET", "DAT", "R-ESRGAN General", "R-ESRGAN AnimeVideo", "SwinIR_4x")
+# A1111's built-in upscalers of other network families (no RRDBNet): refused by name
+UNSUPPORTED = ("LDSR", "SwinIR", "ScuNET", "DAT", "R-ESRGAN General", "R-ESRGAN AnimeVideo")
+
+
+def unsupported(name: str) -> str | None:
+    """Why A1111's upscaler `name` cannot run here, or None."""
+    if any(name.startswith(family) for family in UNSUPPORTED):
+        return f"A1111's {name} is not an ESRGAN (RRDBNet) model; sdbatch runs RRDBNet upscalers only"
+    return None
 
 
 def builtin(name: str) -> str | None:

@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from .errors import InputError
-from .hires import Target, builtin
+from .hires import Target, builtin, unsupported
 from .hires import a1111_name as a1111_upscaler
 from .hires import target as hires_target
 from .images import RESIZE_MODES
@@ -504,6 +504,8 @@ def _upscaler(value: Any) -> str | None:
         return f"must be an upscaler's name, got {value!r}"
     if builtin(value) == value:
         return None
+    if problem := unsupported(value):
+        return problem
     problem = name_problem(value)
     return problem and f"upscaler {value!r}: name an upscaler model by its file name without extension"
 

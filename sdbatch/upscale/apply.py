@@ -25,13 +25,14 @@ LANCZOS = Image.Resampling.LANCZOS
 
 def upscale_tensor(net: nn.Module, x: torch.Tensor, tile: int | None = 192, overlap: int = 8) -> torch.Tensor:
     """(N, C, H, W) in 0..1 -> (N, C', H * scale, W * scale) float32 on x's device. `tile` bounds the
-    side of what the network sees at once (None: the whole image); `net` needs `.scale` (and RRDBNet's
-    `.unshuffle`: tiles then start and end on multiples of it, so no tile is padded inside the image)."""
+    side of what the network sees at once, and so its memory (None or 0, as in A1111's settings: the
+    whole image). `net` needs `.scale`, and RRDBNet's `.unshuffle`: tiles then start and end on
+    multiples of it, so that no tile is padded inside the image."""
     scale, factor = net.scale, getattr(net, "unshuffle", 1)
     param = next(net.parameters(), x)
     _, _, height, width = x.shape
     with torch.inference_mode():
-        if tile is None or (height <= tile and width <= tile):
+        if not tile or (height <= tile and width <= tile):
             return net(x.to(param)).float().to(x.device)
         window = tile // factor * factor
         if overlap < 0 or window - overlap < factor:
