@@ -237,6 +237,9 @@ def run(
     vae_tile: Annotated[
         int | None, typer.Option(min=4, help="Decode latents larger than N cells in tiles (64 = 512 px).")
     ] = None,
+    upscale_tile: Annotated[
+        int, typer.Option(min=0, help="Run hires upscaler models in tiles of N px (0: whole image).")
+    ] = 192,
     low_vram: Annotated[
         bool, typer.Option(help="Keep text encoder and VAE off the GPU except while they run.")
     ] = False,
@@ -260,7 +263,7 @@ def run(
                 shard=_shard(shard),
                 backend=backend,
                 ray_address=ray_address,
-                tuning=_tuning(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile),
+                tuning=_tuning(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile, upscale_tile),
             )
             summary = run_job(load_job(job_file), options, reporter)
     finally:
@@ -276,11 +279,11 @@ def _reporter(quiet: bool, log_json: bool):
     return report.RichReporter(out) if sys.stdout.isatty() else report.PlainReporter()
 
 
-def _tuning(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile):
+def _tuning(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile, upscale_tile=192):
     """The speed and memory options; imported only when a run renders (the pipeline needs torch)."""
     from .pipeline import Tuning
 
-    return Tuning(channels_last, compile_, cuda_graphs, vae_batch, low_vram, vae_tile)
+    return Tuning(channels_last, compile_, cuda_graphs, vae_batch, low_vram, vae_tile, upscale_tile or None)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:

@@ -23,6 +23,7 @@ RESIZE_MODES = ("just", "crop", "fill")  # A1111's Just resize, Crop and resize,
 # Images larger than this are refused before their pixels are decoded: a few KB of PNG can claim
 # 30000x30000 pixels (a "decompression bomb"). 100 megapixels is a 12000x8000 photograph.
 MAX_IMAGE_PIXELS = 100_000_000
+MAX_READ_AT_ONCE = 256 * 2**20  # bytes: a larger file is decoded from disk and hashed in chunks
 T = TypeVar("T")
 
 
@@ -149,9 +150,11 @@ def check_image(path: str | Path, what: str | None = None) -> tuple[int, int]:
     what = what or str(path)
     try:
         stamp = _stamp(path)
-        data = Path(path).read_bytes()
+        data = Path(path).read_bytes() if stamp[1] <= MAX_READ_AT_ONCE else None
     except OSError:
-        return open_image(path, what).size  # says why, in open_image's words
+        data = None
+    if data is None:  # unreadable (open_image says why), or too large to hold: hashed apart when needed
+        return open_image(path, what).size
     size = read_image(io.BytesIO(data), lambda im: _convertible(im, what).size, what)
     _DIGESTS[stamp] = hashlib.sha256(data).hexdigest()
     return size
