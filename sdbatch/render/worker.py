@@ -31,6 +31,7 @@ def build_renderer(spec: ModelSpec) -> Render:
     pipeline = Pipeline.from_file(
         spec.path, vae=spec.vae, device=spec.device, dtype=dtype, tuning=spec.tuning or Tuning()
     )
+
     def render(batch: list) -> Results:
         images: dict[str, Any] = {}  # opened for this batch only: a folder of inputs is never held at once
 
