@@ -143,7 +143,8 @@ def squares(side: int) -> dict[str, tuple[int, int]]:
 )
 def test_a_mask_folder_pairs_by_stem_and_every_size_form_renders_seven_images(tmp_path, size, resize, sizes):
     inputs(tmp_path)
-    path = inpaint_job(tmp_path, size, extra=f"resize: {resize}\n" if resize else "")
+    extra = "mask_missing: full\n" + (f"resize: {resize}\n" if resize else "")  # the run key, as the issue spells it
+    path = inpaint_job(tmp_path, size, mask="{folder: masks}", extra=extra)
     out = rendered(path)
     assert sorted(out) == sorted(SHAPES), "7 images with 5 masks: 7 renders, the masks not multiplied in"
     assert {stem: tuple(e["size"]) for stem, e in out.items()} == sizes
@@ -159,6 +160,10 @@ def test_missing_skip_renders_only_the_images_that_have_a_mask(tmp_path):
     inputs(tmp_path)
     out = rendered(inpaint_job(tmp_path, "from_image", "{folder: masks, missing: skip}"))
     assert sorted(out) == sorted(MASKED)
+    [beside] = load_job(inpaint_job(tmp_path, "from_image", "{folder: masks}", "mask_missing: skip\n")).runs
+    [inside] = load_job(inpaint_job(tmp_path, "from_image", "{folder: masks, missing: skip}")).runs
+    [a], [b] = beside.values["mask"], inside.values["mask"]
+    assert (a.folder, a.masks, a.missing) == (b.folder, b.masks, "skip"), "mask_missing: skip is missing: skip"
     assert all(Path(e["mask"]).stem == stem for stem, e in out.items())
 
 
@@ -167,6 +172,7 @@ def test_missing_skip_renders_only_the_images_that_have_a_mask(tmp_path):
     [
         ("{folder: masks}", "from_image", 7, "mask: no mask in .*masks for b.png, g.png; add masks of the same"),
         ("{folder: masks, missing: maybe}", "from_image", 7, "mask: missing: must be skip or full"),
+        ("masks/a.png\nmask_missing: skip", "from_image", 8, "mask_missing: applies to a mask folder"),
         ("{folder: masks, missing: full}", "32", 6, "init_image: d.png is 48x32, which does not have the aspect"),
         ("{folder: masks, missing: full}", "{width: 30}", 8, "size: width: must be .* a multiple of 8"),
         ("{folder: masks, missing: full}", "{depth: 8}", 8, "size: write size from the image as"),

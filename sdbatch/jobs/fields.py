@@ -185,10 +185,13 @@ def _mask(item: Any, ctx: Context) -> list:
     each init image with the mask of its file stem (sdbatch.jobs.inputs.MaskFolder)."""
     if not isinstance(item, dict):
         return _image(item, ctx)
-    missing = item.get("missing")
+    if "missing" in item and "mask_missing" in item:
+        raise ValueError("missing and mask_missing are one setting; give it once")
+    missing = item.get("missing", item.get("mask_missing"))  # the run key mask_missing lands here too
     if missing is not None and missing not in MISSING:
         raise ValueError(f"missing: must be skip or full, got {show(missing)}")
-    paths = _folder_images({k: v for k, v in item.items() if k != "missing"}, ctx, "{folder: masks/, missing: skip}")
+    listing = {k: v for k, v in item.items() if k not in ("missing", "mask_missing")}
+    paths = _folder_images(listing, ctx, "{folder: masks/, missing: skip}")
     masks: dict[str, str] = {}
     for path in paths:
         if (other := masks.setdefault(Path(path).stem, path)) != path:

@@ -46,8 +46,8 @@ class MaskFolder:
         if without and self.missing is None:
             shown = ", ".join(without[:5]) + (f" and {len(without) - 5} more" if len(without) > 5 else "")
             out.append(
-                f"no mask in {self.folder} for {shown}; add masks of the same file stem, or set missing: skip "
-                "(no image for them) or missing: full (repaint the whole image) in the mask's mapping"
+                f"no mask in {self.folder} for {shown}; add masks of the same file stem, or set mask_missing: skip "
+                "(no image for them) or mask_missing: full (repaint the whole image)"
             )
         for stem, path in self.masks.items():
             if stem not in stems:

@@ -58,7 +58,8 @@ TOP_KEYS = (
     "defaults",
     "runs",
 )
-RUN_KEYS = (*PARAMS, "sheet", "hires")
+RUN_KEYS = (*PARAMS, "sheet", "hires", "mask_missing")
+BLOCK_KEYS = ("hires", "mask_missing")  # keys of runs and defaults that fold into a parameter
 # the `hires:` block's keys -> recipe fields (`denoise` is the second pass's strength, as in A1111)
 HIRES_KEYS = {
     "scale": "hires_scale",
@@ -347,7 +348,7 @@ def parse_job(text: str, file: Path) -> Job:
     _check_text(check, data, "", data.line, set())
     if check.problems:  # text that cannot be written anywhere: nothing else is looked at
         raise JobError(check.problems)
-    check.unknown_keys(data, (*TOP_KEYS, *PARAMS, "hires"), "a job")
+    check.unknown_keys(data, (*TOP_KEYS, *PARAMS, *BLOCK_KEYS), "a job")
     job = _job_settings(check, data, file)
     defaults = _defaults(check, data)
     for i, (block, line) in enumerate(_run_blocks(check, data)):
@@ -438,8 +439,36 @@ def _defaults(check: _Checker, data: LineDict) -> LineDict:
         defaults = LineDict()
         defaults.lines = {}
     elif "defaults" in data:
-        check.unknown_keys(defaults, (*PARAMS, "hires"), "defaults")
+        check.unknown_keys(defaults, (*PARAMS, *BLOCK_KEYS), "defaults")
     return _hires_block(check, defaults, "defaults.")
+
+
+def _mask_missing(check: _Checker, block: LineDict, defaults: LineDict, prefix: str) -> tuple[LineDict, LineDict]:
+    """`mask_missing: skip | full` (in the run or defaults) is the mask folder's `missing:` (see
+    fields._mask): folded into the mask mapping that the run uses."""
+    given = block if "mask_missing" in block else defaults if "mask_missing" in defaults else None
+    if given is None:
+        return block, defaults
+    label = (prefix if given is block else "defaults.") + "mask_missing"
+    value, line = given["mask_missing"], given.lines["mask_missing"]
+    block, defaults = _without(block, "mask_missing"), _without(defaults, "mask_missing")
+    holder = block if "mask" in block else defaults if "mask" in defaults else None
+    mask = None if holder is None else holder["mask"]
+    if not isinstance(mask, LineDict) or "folder" not in mask:
+        check.problem(line, label, "applies to a mask folder (mask: {folder: masks/}) only")
+        return block, defaults
+    folded = LineDict({**mask, "mask_missing": value})
+    folded.line, folded.lines = mask.line, {**mask.lines, "mask_missing": line}
+    holder["mask"] = folded  # holder is a copy made by _without
+    return block, defaults
+
+
+def _without(block: LineDict, key: str) -> LineDict:
+    """A copy of a block (its lines and labels too) without `key`."""
+    out = LineDict({k: v for k, v in block.items() if k != key})
+    out.line, out.lines = block.line, dict(getattr(block, "lines", {}))
+    out.labels = dict(getattr(block, "labels", {}))
+    return out
 
 
 def _hires_block(check: _Checker, block: LineDict, prefix: str) -> LineDict:
@@ -492,6 +521,7 @@ def _parse_run(check: _Checker, index: int, block: LineDict, defaults: LineDict,
     sources: dict[str, Source] = {}
     before = len(check.problems)
     block = _hires_block(check, block, prefix)
+    block, defaults = _mask_missing(check, block, defaults, prefix)
     for key in PARAMS:
         if key in block:
             raw, line, label = block[key], block.lines[key], prefix + getattr(block, "labels", {}).get(key, key)
