@@ -355,6 +355,11 @@ def a1111_values(text: str, where: str = "", lenient: bool = False) -> dict[str,
                 if not lenient:
                     raise RecipeError(f"{where}{key}: {raw!r}: {e}") from None
                 dropped[key] = raw
+    # A1111 writes its Schedule type for DDIM, PLMS and UniPC too, and ignores it: they walk its timestep grid
+    if values.get("sampler") in A1111_TIMESTEPS:
+        values.pop("karras", None), values.pop("schedule", None)
+    if values.get("hires_sampler") in A1111_TIMESTEPS:
+        values.pop("hires_schedule", None)
     if lenient:
         values["unreproduced"] = dropped
     return values

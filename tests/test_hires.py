@@ -148,6 +148,20 @@ def test_a1111_step_rule_runs_exactly_hires_steps_of_a_schedule_of_steps_over_de
     )
 
 
+def test_a1111_ddim_second_pass_walks_its_timestep_grid_by_the_hires_rule(pipe):
+    """A1111's DDIM (sd_samplers_timesteps): grid = clip(range(0, 1000, 1000 // n) + 1, 0, 999); hires
+    runs sample_img2img with steps = Hires steps: n = int(4 / 0.5), t_enc = 4 - 1, the loop over
+    grid[:t_enc] calls the model at its points from the top down to the second."""
+    recipe = hires_recipe(sampler="ddim", compat="a1111", rng="a1111", steps=6, hires_steps=4, strength=0.5, cfg=1)
+    with Calls(pipe) as calls:
+        pipe.render([Request(recipe)])
+    n, t_enc = int(4 / 0.5), 4 - 1
+    grid = [min(t + 1, 999) for t in range(0, 1000, 1000 // n)]
+    assert calls.of(16) == [float(grid[i]) for i in range(t_enc - 1, 0, -1)]
+    first_grid = [min(t + 1, 999) for t in range(0, 1000, 1000 // 6)]  # the first pass: txt2img, all of it
+    assert calls.of(8) == [float(t) for t in first_grid[:0:-1]]
+
+
 def test_diffusers_step_rule_runs_the_last_int_steps_times_denoise_of_diffusers_schedule(pipe):
     recipe = hires_recipe(sampler="euler_a", steps=5, hires_steps=6, strength=0.5, cfg=1)
     with Calls(pipe) as calls:

@@ -204,3 +204,13 @@ def test_validate_and_plan_import_neither_torch_nor_transformers(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"codes": [0, 0], "heavy": []}, done.stderr
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "UniPC"])
+def test_a1111_schedule_type_is_ignored_for_its_timestep_samplers_as_a1111_ignores_it(sampler):
+    """A1111 1.9+ writes `Schedule type` for every sampler, but DDIM, PLMS and UniPC walk its fixed
+    timestep grid whatever it says; a k-diffusion sampler's schedule type is kept."""
+    text = f"a cat\nSteps: 20, Sampler: {sampler}, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512"
+    r = Recipe.from_a1111(text)
+    assert (r.sampler, r.karras, r.schedule) == (sampler.lower(), False, "automatic")
+    assert Recipe.from_a1111(text.replace(sampler, "Euler")).karras

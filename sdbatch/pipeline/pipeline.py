@@ -335,15 +335,18 @@ class Pipeline:
         `steps`, or A1111's hires rule, exactly `steps` of a schedule of int(steps / strength)."""
         first = recipes[0]
         sampler = get_sampler(first.sampler)
+        # img2img: from an init image, or from the first pass (a hires fix's `strength` is its
+        # second pass's: the first pass is txt2img whatever the strength)
+        img2img = given is not None or first.init_image is not None
         if given is not None and first.a1111_sigmas:
             total, begin_at = a1111_img2img(first.steps, first.strength, fixed_steps=first.steps)
             schedule, plan = self._plan(replace(first, steps=total))
         else:
             schedule, plan = self._plan(first)
             begin_at = None
-        if given is None and first.a1111_sigmas and first.strength is not None:
+        if given is None and first.a1111_sigmas and img2img:
             begin_at = a1111_img2img(first.steps, first.strength)[1]  # A1111's rule: t_enc + 1 steps
-        if first.a1111_sigmas and first.sampler in A1111_TIMESTEPS and first.strength is not None:
+        if first.a1111_sigmas and first.sampler in A1111_TIMESTEPS and img2img:
             # A1111's DDIM/PLMS/UniPC: a plan made for the img2img run, noised one grid point above it
             fixed = first.steps if given is not None else None
             plan = timestep_plan(self.ldm_schedule, first.sampler, first.steps, first.strength, fixed)
