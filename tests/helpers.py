@@ -119,9 +119,7 @@ def diffusers_scheduler(name: str, karras: bool, steps: int | None = None):
     elif name == "lcm":
         sched = LCMScheduler(**BETAS)
     elif name == "plms":  # SD 1.x's own scheduler config
-        sched = _Deterministic.of(PNDMScheduler)(
-            **BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False
-        )
+        sched = _Deterministic.of(PNDMScheduler)(**BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     elif name == "unipc":  # UniPCMultistepScheduler.from_config of that config
         sched = _Deterministic.of(UniPCMultistepScheduler).from_config(diffusers_scheduler("plms", False).config)
     else:
