@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -98,8 +98,14 @@ def fit(image: Image.Image, width: int, height: int, what: str, resize: str | No
         return image.resize((width, height), Image.Resampling.LANCZOS)
     cover = (resize == "crop") == (width / height > w / h)  # scale to the width (else the height)
     inner = (width, max(1, h * width // w)) if cover else (max(1, w * height // h), height)
-    scaled = image.resize(inner, Image.Resampling.LANCZOS)
     left, top = inner[0] // 2 - width // 2, inner[1] // 2 - height // 2
+    if resize == "crop" and inner[0] * inner[1] > 16 * width * height:
+        # an extreme aspect (2000x1 to 512x512): resizing it whole first would take gigabytes; the
+        # kept box straight to the size instead (the same pixels up to resampling)
+        sx, sy = w / inner[0], h / inner[1]
+        box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+        return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
+    scaled = image.resize(inner, Image.Resampling.LANCZOS)
     if resize == "crop":
         return scaled.crop((left, top, left + width, top + height))
     out = Image.new(image.mode, (width, height))
@@ -188,6 +194,8 @@ def read_image(path: str | Path | io.BytesIO, take: Callable[[Image.Image], T], 
                 if w * h > MAX_IMAGE_PIXELS:
                     raise ImageError(_too_large(what, f"{w}x{h} = {w * h:,} pixels"))
                 im.load()
+                if im.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
+                    return take(ImageOps.exif_transpose(im))  # as it is shown (phone photos), as A1111 does
                 return take(im)
     except ImageError:
         raise
@@ -200,8 +208,13 @@ def read_image(path: str | Path | io.BytesIO, take: Callable[[Image.Image], T], 
     except Image.DecompressionBombError as e:
         m = re.search(r"\((\d+) pixels\)", str(e))
         raise ImageError(_too_large(what, f"{int(m[1]):,} pixels" if m else "too many pixels")) from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{what}: not an image Pillow can read (an unknown or damaged format)") from None
     except Exception as e:  # Pillow's decoders raise many types on a damaged file
         raise ImageError(f"{what}: not an image Pillow can read ({_first_line(e)})") from None
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a camera held the picture
 
 
 def _too_large(what: str, size: str) -> str:

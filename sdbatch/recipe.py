@@ -163,7 +163,8 @@ class Recipe:
         yield from self._own_problems()
         yield from self._hires_problems()
 
-    def _own_problems(self) -> Iterator[tuple[str, str]]:
+    def _own_problems(self, second_pass: bool = False) -> Iterator[tuple[str, str]]:
+        """The rules of one pass (`second_pass`: hires' second, whose strength rules are its own)."""
         for f in fields(self):
             message = RULES[f.name](getattr(self, f.name))
             if message:
@@ -201,12 +202,19 @@ class Recipe:
             yield "mask", "a mask needs an init_image to repaint"
         if self.resize is not None and self.init_image is None:
             yield "resize", "applies to images with an init_image (img2img, inpainting) only"
+        if second_pass:
+            return
         if self.init_image is None and self.strength is not None and not self.hires:
             yield "strength", "applies to images with an init_image (img2img, inpainting) or hires fix only"
         elif self.init_image is not None and self.strength is None:
             yield "strength", "is needed with an init_image: how much of the schedule to re-run"
         elif self.strength is not None and not self.hires and int(self.steps * self.strength) < 1:
             yield "strength", f"strength {self.strength:g} of {self.steps} steps runs no step at all"
+        elif self.compat == "a1111" and self.sampler in A1111_TIMESTEPS and isinstance(self.steps, int):
+            strength = self.strength if self.init_image is not None else None
+            if _timestep_calls(self.sampler, self.steps, strength) < 1:
+                field = "steps" if strength is None else "strength"
+                yield field, f"{self.sampler} under compat a1111 runs no step at all here (A1111's timestep grid)"
 
     def _hires_problems(self) -> Iterator[tuple[str, str]]:
         """Hires fix's rules: txt2img only, a denoise, a target of whole latent cells, and the
@@ -241,11 +249,17 @@ class Recipe:
         if not same_loras:
             yield "hires_prompt", "its <lora:...> tags differ from the prompt's; both passes use the prompt's LoRAs"
         second = self.second_pass()
-        for name, message in replace(second, init_image=None, strength=None)._own_problems():
+        for name, message in second._own_problems(second_pass=True):
             if message not in first:
                 yield SECOND_PASS_FIELDS.get(name, where), f"second pass: {message}"
         if not second.a1111_sigmas and int(second.steps * self.strength) < 1:  # diffusers' rule: int(steps * s)
             yield "strength", f"denoise {self.strength:g} of {second.steps} hires steps runs no step at all"
+        elif (
+            second.compat == "a1111"
+            and second.sampler in A1111_TIMESTEPS
+            and _timestep_calls(second.sampler, second.steps, self.strength, fixed=True) < 1
+        ):
+            yield "hires_steps", f"{second.sampler}'s second pass of {second.steps} steps runs no step (A1111's rule)"
 
     def check(self, where: str = "") -> "Recipe":
         """The recipe itself, or RecipeError naming every rule it breaks (after `where`)."""
@@ -435,6 +449,20 @@ def _flag(value: Any) -> str | None:
 
 def _strength(value: Any) -> str | None:
     return None if value is None else _real(0.0, 1.0, "above 0 and at most 1", above=True)(value)
+
+
+def _timestep_calls(sampler: str, steps: int, strength: float | None, fixed: bool = False) -> int:
+    """Model calls of A1111's DDIM, PLMS or UniPC (sd_samplers_timesteps): txt2img walks the grid
+    range(0, 1000, 1000 // steps); img2img walks its first t_enc points, t_enc = int(min(s, 0.999) *
+    steps), or steps - 1 for hires' fixed steps. DDIM calls the model at all points but the last,
+    PLMS once more (its first step), UniPC once per point."""
+    if strength is None:
+        points = len(range(0, 1000, max(1, 1000 // steps)))
+    else:
+        points = steps - 1 if fixed else int(min(strength, 0.999) * steps)
+    if sampler == "unipc":
+        return points
+    return max(0, points - 1) + (1 if sampler == "plms" and points >= 2 else 0)
 
 
 @lru_cache(maxsize=1)

@@ -10,7 +10,7 @@ from . import __version__
 from .addons.library import Addons, Folders, check_addons
 from .errors import InputError
 from .files import content_sha256, write_atomic
-from .images import open_image
+from .images import image_sha256, open_image
 from .jobs import Task
 from .output.a1111 import parse_infotext
 from .output.png import png_bytes, read_png_text
@@ -92,6 +92,7 @@ def rerun_image(image: Path, output: Path, model: str | None = None, device: str
             raise InputError(f"{shown}: its {key} {printable(value)} no longer exists")
         if value is not None:
             open_image(value, f"{shown}: its {key} {printable(value)}")  # damaged or a bomb: refused before rendering
+            _check_source(meta, key, value, shown)
     target = output / image.name
     if target.resolve() == image.resolve():
         raise InputError(f"{printable(str(target))} is the image itself; choose another --output")
@@ -100,7 +101,8 @@ def rerun_image(image: Path, output: Path, model: str | None = None, device: str
     addons = find_addons(recipe, record.get("addons", {}), _a1111_hashes(image, meta), shown, bool(meta), info)
     check_addons(addons, info.config)
     task_id = recipe.task_id(info.id, content_sha256, addons.id_data())
-    task = Task(record.get("index", 0), record.get("run", 0), task_id, recipe, addons)
+    sources = tuple((k, image_sha256(v)) for k in ("init_image", "mask") if (v := getattr(recipe, k)) is not None)
+    task = Task(record.get("index", 0), record.get("run", 0), task_id, recipe, addons, sources)
     from .render import ModelSpec, build_renderer, parse_devices
 
     render = build_renderer(ModelSpec(str(info.path), None, parse_devices(device)[0]))
@@ -110,10 +112,25 @@ def rerun_image(image: Path, output: Path, model: str | None = None, device: str
     text = {"parameters": recipe.to_a1111(info.a1111(), __version__, addons.a1111())}
     if meta:
         meta = dict(meta, model=info.record(), task=dict(record, id=task.id) | _addon_record(addons))
+        if sources:
+            meta["task"]["sources"] = {k: {"path": getattr(recipe, k), "sha256": sha} for k, sha in sources}
         text["sdbatch"] = json.dumps(meta, ensure_ascii=False)
     output.mkdir(parents=True, exist_ok=True)
     write_atomic(target, png_bytes(picture, text))
     return target
+
+
+def _check_source(meta: dict[str, Any], key: str, path: str, shown: str) -> None:
+    """An input image that is not the one the image was made from (the sha256 its record holds) is
+    refused: rendering it would make another picture under the old one's name."""
+    sources = meta.get("task", {}).get("sources") if isinstance(meta.get("task"), dict) else None
+    recorded = sources.get(key) if isinstance(sources, dict) else None
+    sha = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if sha is not None and sha != image_sha256(path):
+        raise InputError(
+            f"{shown}: its {key} {printable(path)} has changed since the image was made (its sha256 differs); "
+            "put the original back to render it again"
+        )
 
 
 def _addon_record(addons: Addons) -> dict[str, Any]:

@@ -4,6 +4,7 @@ folder is not an axis of its own: `mask: {folder: masks/}` does not multiply the
 `resolve` turns a combination holding them into plain recipe values, with the problems it finds.
 """
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,12 @@ class MaskFolder:
                 f"no mask in {self.folder} for {shown}; add masks of the same file stem, or set mask_missing: skip "
                 "(no image for them) or mask_missing: full (repaint the whole image)"
             )
+        own = sorted(
+            Path(p).name for s, p in stems.items() if os.path.realpath(self.masks.get(s, "")) == os.path.realpath(p)
+        )
+        if own:
+            out.append(f"{own[0]} would be its own mask: the mask folder holds the init images; give masks their own")
+            return out
         for stem, path in self.masks.items():
             if stem not in stems:
                 out.append(f"mask {Path(path).name} in {self.folder} matches no init image (masks pair by file stem)")

@@ -363,6 +363,9 @@ def parse_job(text: str, file: Path) -> Job:
                 _sheet(check, block.get("sheet"), block.lines.get("sheet", 0)) if "sheet" in block else job.sheet
             )
             job.runs.append(run)
+    defaults_missing = data.get("defaults") if isinstance(data.get("defaults"), LineDict) else {}
+    if "mask_missing" in defaults_missing and not getattr(check, "folded_missing", False) and not check.problems:
+        check.problem(defaults_missing.lines["mask_missing"], "defaults.mask_missing", "no run has a mask folder")
     if check.ctx.folders_used and "filename" not in data:
         job.filename = FOLDER_TEMPLATE  # a folder of inputs: each output keeps its source's name
     if not check.problems and (problem := template_problem(job.filename, _samples(job.runs))):
@@ -444,22 +447,29 @@ def _defaults(check: _Checker, data: LineDict) -> LineDict:
 
 
 def _mask_missing(check: _Checker, block: LineDict, defaults: LineDict, prefix: str) -> tuple[LineDict, LineDict]:
-    """`mask_missing: skip | full` (in the run or defaults) is the mask folder's `missing:` (see
-    fields._mask): folded into the mask mapping that the run uses."""
-    given = block if "mask_missing" in block else defaults if "mask_missing" in defaults else None
+    """`mask_missing: skip | full` (in the run or in defaults) is the mask folder's `missing:` (see
+    fields._mask), folded into the mask mapping the run uses. A run's own setting wins over the
+    defaults'; a default applies to the runs whose mask is a folder (the job checks some run is)."""
+    in_run = "mask_missing" in block
+    given = block if in_run else defaults if "mask_missing" in defaults else None
     if given is None:
         return block, defaults
-    label = (prefix if given is block else "defaults.") + "mask_missing"
+    label = (prefix if in_run else "defaults.") + "mask_missing"
     value, line = given["mask_missing"], given.lines["mask_missing"]
     block, defaults = _without(block, "mask_missing"), _without(defaults, "mask_missing")
     holder = block if "mask" in block else defaults if "mask" in defaults else None
     mask = None if holder is None else holder["mask"]
     if not isinstance(mask, LineDict) or "folder" not in mask:
-        check.problem(line, label, "applies to a mask folder (mask: {folder: masks/}) only")
+        if in_run:
+            check.problem(line, label, "applies to a mask folder (mask: {folder: masks/}) only")
         return block, defaults
-    folded = LineDict({**mask, "mask_missing": value})
+    own = {k: v for k, v in mask.items() if k not in ("missing", "mask_missing")}
+    if len(own) < len(mask) and not (in_run and holder is defaults):
+        return block, defaults  # the mask mapping says it itself (a run's mapping wins over defaults)
+    folded = LineDict({**own, "mask_missing": value})
     folded.line, folded.lines = mask.line, {**mask.lines, "mask_missing": line}
     holder["mask"] = folded  # holder is a copy made by _without
+    check.folded_missing = True
     return block, defaults
 
 
