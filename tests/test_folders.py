@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdbatch.images import ImageError, fit, size_from_image
+from sdbatch.images import ImageError, fit, open_image, size_from_image
 from sdbatch.jobs import JobError, load_job
 from sdbatch.plan import plan_job
 from sdbatch.runner import Options, Reporter, run_job
@@ -283,3 +283,63 @@ def test_planning_ten_thousand_images_keeps_no_pixels_and_prints_the_figure(tmp_
     assert m["tasks"] == 10_000 and m["images_alive"] == 0
     with capsys.disabled():
         print(f"\n{bench.summary(m)}")
+
+
+def test_a_phone_photo_is_used_as_it_is_shown_exif_orientation_applied(tmp_path):
+    """A camera's EXIF orientation (6: turn 90°) is applied, as A1111 applies it: the 32x48 pixels
+    stored are a 48x32 picture, and that is the size from_image takes and the pixels img2img sees."""
+    (tmp_path / "phone").mkdir()
+    stored = Image.new("RGB", (32, 48), "blue")
+    stored.paste((255, 0, 0), (0, 0, 32, 8))  # red along the stored top: the shown right edge
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone" / "p.jpg", exif=exif, quality=95)
+    image = open_image(tmp_path / "phone" / "p.jpg")
+    assert image.size == (48, 32) and image.getpixel((44, 16))[0] > 200 and image.getpixel((4, 16))[2] > 200
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "prompt: a circle\nsteps: 2\nstrength: 0.5\nseed: 1\noutput: out\n"
+        "init_image: {folder: phone}\nsize: from_image\n"
+    )
+    [entry] = render(path)
+    assert entry["size"] == [48, 32]
+
+
+def test_a_mask_folder_that_is_the_image_folder_is_refused(tmp_path):
+    inputs(tmp_path)
+    with pytest.raises(JobError, match=r"job.yaml:7: mask: a.png would be its own mask"):
+        load_job(inpaint_job(tmp_path, "from_image", "{folder: photos}"))
+
+
+def test_mask_missing_in_defaults_applies_to_the_runs_with_a_mask_folder_and_yields_to_theirs(tmp_path):
+    inputs(tmp_path)
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "defaults:\n  mask: {folder: masks}\n  mask_missing: skip\n  init_image: {folder: photos}\n"
+        "  strength: 0.5\n  size: from_image\nruns:\n  - prompt: a\n  - prompt: b\n    mask: null\n"
+        "  - prompt: c\n    mask: {folder: masks, missing: full}\n  - prompt: d\n    mask_missing: full\n"
+    )
+    a, b, c, d = (run.values["mask"][0] for run in load_job(path).runs)
+    assert (a.missing, c.missing, d.missing) == ("skip", "full", "full") and b is None
+    path.write_text("defaults:\n  mask_missing: skip\nruns:\n  - prompt: a\n")
+    with pytest.raises(JobError, match=r"job.yaml:2: defaults.mask_missing: no run has a mask folder"):
+        load_job(path)
+
+
+def test_rerun_refuses_an_input_image_that_changed_since(tmp_path):
+    from sdbatch.errors import InputError
+    from sdbatch.rerun import rerun_image
+
+    photos(tmp_path / "p")
+    [first, *_] = render(job(tmp_path, "{folder: p, glob: 'b-red.png'}"))
+    png = tmp_path / "out" / first["file"]
+    Image.new("RGB", (32, 32), "purple").save(tmp_path / "p" / "b-red.png")
+    with pytest.raises(InputError, match=r"its init_image .*b-red.png has changed since the image was made"):
+        rerun_image(png, tmp_path / "again", device="cpu")
+
+
+def test_crop_of_an_extreme_aspect_keeps_the_centre_without_resizing_it_whole():
+    strip = Image.new("RGB", (4000, 2), "blue")
+    strip.paste((255, 0, 0), (2000, 0, 4000, 2))  # red from the middle on: the kept 2 px straddle it
+    out = fit(strip, 64, 64, "strip", "crop")
+    assert out.size == (64, 64) and out.getpixel((2, 32))[2] > 200 and out.getpixel((61, 32))[0] > 200

@@ -411,3 +411,25 @@ def test_recipe_rules():
             recipe(sampler=name, compat="a1111").check()
     assert Recipe.from_a1111("p\nSteps: 8, Sampler: UniPC, CFG scale: 7, Seed: 1, Size: 32x32").sampler == "unipc"
     assert math.isfinite(float(a1111_timesteps.a1111_plan(LDM, "plms", 8).sigmas[-1]))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "unipc"])
+def test_runs_of_no_model_call_under_a1111_are_refused_at_validate(sampler):
+    """A1111's grid can leave nothing to run (DDIM calls the model at all points but the last): such
+    a recipe is refused when the job is read, not after a first pass has rendered. The counts come
+    from A1111's loops: txt2img len(range(0, 1000, 1000 // steps)) points; img2img t_enc =
+    int(min(s, 0.999) * steps) points, hires' fixed steps - 1."""
+    from sdbatch.recipe import Recipe
+
+    def refused(**fields) -> bool:
+        recipe = Recipe(prompt="a", sampler=sampler, compat="a1111", **fields)
+        return any("runs no step" in message for _, message in recipe.problems())
+
+    points = {"ddim": 2, "plms": 2, "unipc": 1}[sampler]  # the fewest grid points that make a model call
+    assert refused(steps=1) == (points > 1)
+    assert not refused(steps=2)
+    img2img = dict(init_image="x.png", strength=1.0)
+    # strength 1 is 0.999 in A1111: int(0.999 * steps) points, one short of steps
+    assert refused(steps=points, **img2img) and not refused(steps=points + 1, **img2img)
+    hires = dict(steps=4, hires_scale=2.0, strength=0.5)
+    assert refused(hires_steps=points, **hires) and not refused(hires_steps=points + 1, **hires)
