@@ -127,6 +127,8 @@ class Recipe:
         upscaled first pass, at the target size, with the hires overrides applied. Its init image is
         the first pass (a label, never a file: the pipeline hands it the latents)."""
         schedule = self.hires_schedule
+        if schedule is None and self.hires_sampler in A1111_TIMESTEPS | DIFFUSERS_ONLY:
+            schedule = "automatic"  # a sampler of fixed timesteps: the first pass's schedule does not apply
         return replace(
             self,
             prompt=self.prompt if self.hires_prompt is None else self.hires_prompt,
@@ -182,7 +184,8 @@ class Recipe:
             yield "steps", f"{self.sampler} takes at most {limit} steps (its timestep grid), got {self.steps}"
         for name in ("prompt", "negative"):
             text = getattr(self, name)
-            if isinstance(text, str) and (message := _prompt_problem(text, self.steps, name == "negative")):
+            steps = None if second_pass else self.steps  # the second pass's edits count on from the first's
+            if isinstance(text, str) and (message := _prompt_problem(text, steps, name == "negative")):
                 yield name, message
         if isinstance(self.prompt, str) and _text(self.prompt) is None and RULES["lora"](self.lora) is None:
             try:
@@ -237,7 +240,7 @@ class Recipe:
             yield "strength", "hires fix needs its denoise (hires: denoise: 0.5)"
             return
         goal = self.hires_target()
-        if problem := _size(goal.size):
+        if problem := _size(goal.size) or _size(goal.cells):
             yield where, f"the second pass would be {problem}"
             return
         first = {message for _, message in self._own_problems()}
@@ -254,12 +257,11 @@ class Recipe:
                 yield SECOND_PASS_FIELDS.get(name, where), f"second pass: {message}"
         if not second.a1111_sigmas and int(second.steps * self.strength) < 1:  # diffusers' rule: int(steps * s)
             yield "strength", f"denoise {self.strength:g} of {second.steps} hires steps runs no step at all"
-        elif (
-            second.compat == "a1111"
-            and second.sampler in A1111_TIMESTEPS
-            and _timestep_calls(second.sampler, second.steps, self.strength, fixed=True) < 1
-        ):
-            yield "hires_steps", f"{second.sampler}'s second pass of {second.steps} steps runs no step (A1111's rule)"
+        elif second.compat == "a1111" and second.sampler in A1111_TIMESTEPS:
+            if _timestep_calls(second.sampler, second.steps, self.strength, fixed=True) < 1:
+                yield "hires_steps", f"{second.sampler}'s second pass of {second.steps} steps runs no step (A1111)"
+            elif (total := int(second.steps / min(self.strength, 0.999))) > 1000:
+                yield "strength", f"{second.steps} hires steps at denoise {self.strength:g} make {total} (at most 1000)"
 
     def check(self, where: str = "") -> "Recipe":
         """The recipe itself, or RecipeError naming every rule it breaks (after `where`)."""
@@ -369,9 +371,14 @@ def a1111_values(text: str, where: str = "", lenient: bool = False) -> dict[str,
                 if not lenient:
                     raise RecipeError(f"{where}{key}: {raw!r}: {e}") from None
                 dropped[key] = raw
-    # A1111 writes its Schedule type for DDIM, PLMS and UniPC too, and ignores it: they walk its timestep grid
+    # A1111 writes its Schedule type for DDIM, PLMS and UniPC too, and ignores it: they walk its timestep grid;
+    # a hires sampler that uses one takes the main one unless Hires schedule type says otherwise
     if values.get("sampler") in A1111_TIMESTEPS:
-        values.pop("karras", None), values.pop("schedule", None)
+        karras, schedule = values.pop("karras", False), values.pop("schedule", None)
+        hires_sampler = values.get("hires_sampler")
+        kept = hires_sampler and hires_sampler not in A1111_TIMESTEPS and "hires_schedule" not in values
+        if kept and (karras or schedule):
+            values["hires_schedule"] = "karras" if karras else schedule
     if values.get("hires_sampler") in A1111_TIMESTEPS:
         values.pop("hires_schedule", None)
     if lenient:
@@ -532,6 +539,12 @@ def _hires_size(value: Any) -> str | None:
     return None
 
 
+def _hires_text(value: Any) -> str | None:
+    if value == "":
+        return "empty: leave it out to use the first pass's (A1111 reads an empty one so)"
+    return _text(value)
+
+
 def _upscaler(value: Any) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return f"must be an upscaler's name, got {value!r}"
@@ -566,8 +579,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "hires_steps": _whole(0, 1000, "from 0 (= steps) to 1000"),
     "hires_sampler": _optional(_sampler),
     "hires_schedule": _optional(_choice(SCHEDULE_LABELS, "schedule type")),
-    "hires_prompt": _optional(_text),
-    "hires_negative": _optional(_text),
+    "hires_prompt": _optional(_hires_text),
+    "hires_negative": _optional(_hires_text),
     "hires_cfg": _optional(_real(0.0, 100.0, "from 0 to 100")),
     "rng": _rng,
     "ensd": _whole(-(2**31), 2**31 - 1, "from -2**31 to 2**31-1"),
@@ -694,8 +707,12 @@ A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str,
     "hires_upscaler": ("Hires upscaler", a1111_upscaler, lambda text: {"hires_upscaler": builtin(text) or text}),
     "hires_sampler": ("Hires sampler", lambda v: v and SAMPLERS[v].a1111, _read_hires_sampler),
     "hires_schedule": ("Hires schedule type", lambda v: v and SCHEDULE_LABELS[v], _read_hires_schedule),
-    "hires_prompt": ("Hires prompt", lambda v: v, lambda text: {"hires_prompt": text}),
-    "hires_negative": ("Hires negative prompt", lambda v: v, lambda text: {"hires_negative": text}),
+    "hires_prompt": ("Hires prompt", lambda v: v or None, lambda text: {"hires_prompt": text} if text else {}),
+    "hires_negative": (
+        "Hires negative prompt",
+        lambda v: v or None,
+        lambda text: {"hires_negative": text} if text else {},
+    ),
     "hires_cfg": ("Hires CFG Scale", lambda v: None if v is None else number_text(v), _read_real("hires_cfg")),
     "clip_skip": ("Clip skip", lambda v: v if v > 1 else None, _read_whole("clip_skip")),
     "emphasis": ("Emphasis", lambda v: None if v == "original" else EMPHASIS[v], _read_emphasis),

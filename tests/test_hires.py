@@ -23,7 +23,7 @@ from PIL import Image
 
 from sdbatch.hires import auto_vae_tile, target
 from sdbatch.jobs import Task
-from sdbatch.jobs.job import parse_job
+from sdbatch.jobs.job import load_job, parse_job
 from sdbatch.pipeline import Pipeline, Request
 from sdbatch.recipe import DEFAULTS, HIRES, Recipe
 from sdbatch.runner import entry_for
@@ -237,7 +237,9 @@ def test_a_denoise_sweep_renders_six_images_a_sheet_and_a1111_infotext(tmp_path)
         ("{resize: 1000x1001}", "hires.resize: 1000x1001: each side must be a multiple of 8"),
         ("{scale: 2, upscaler: no-such-upscaler}", "upscaler 'no-such-upscaler' not found"),
         ("{scale: 2, resize: 64x64}", "give hires a scale or a resize, not both"),
-        ("{scale: 2, sampler: ddim, steps: 3}", "hires.sampler: second pass"),
+        ("{scale: 2, sampler: ddim, schedule: exponential}", "hires.schedule: second pass"),
+        ("{scale: 2, sampler: lcm, steps: 60}", "hires.steps: second pass: lcm takes at most 50"),
+        ("{denoise: 0.5}", "hires: give it a scale"),
         ("{scale: 2, bogus: 1}", "hires.bogus: unknown key"),
         ("[2, 3]", "hires: must be a mapping"),
     ],
@@ -309,3 +311,71 @@ def test_tiled_decoding_applies_automatically(pipe, monkeypatch):
     image = pipe.render([Request(hires_recipe())])[0].image
     assert image.size == (64, 64) and seen == [32 // pipe.latent_factor]
     assert torch.isfinite(torch.from_numpy(pixels(image))).all()
+
+
+def test_hires_on_an_inpainting_model_paints_everything_in_the_second_pass():
+    """A 9-channel model's second pass gets A1111's txt2img conditioning: a mask of ones and the
+    encoded blank image, as its first pass (and txt2img on such a model) does."""
+    from test_pipeline import ours
+
+    pipe = ours("tiny-inpainting")
+    recipe = hires_recipe(size=(16, 16), steps=3, hires_steps=2)
+    [result] = pipe.render([Request(recipe)])
+    assert result.ok and result.image.size == (32, 32)
+
+
+def test_second_pass_prompt_editing_counts_on_from_the_first_pass_as_a1111(pipe):
+    """A1111 1.6+: in the hires pass a fraction f switches at (f - 1) x hires steps and a step number
+    n at n - first-pass steps: `[red:blue:0.5]` and `[red:blue:5]` (of 6 first-pass steps) are blue
+    all through it (counted from its own start, as before A1111 1.6, both would begin red)."""
+    seen: list[tuple[int, str]] = []
+    real = pipe._context
+
+    def context(recipe, text, embeddings=()):
+        seen.append((recipe.size[0], text))
+        return real(recipe, text, embeddings)
+
+    pipe._context = context
+    try:
+        pipe.render([Request(hires_recipe(prompt="a [red:blue:0.5] circle", cfg=1))])
+        second = {text for side, text in seen if side == 64}
+        assert second == {"a blue circle"}
+        seen.clear()
+        pipe.render([Request(hires_recipe(prompt="a [red:blue:5] circle", cfg=1))])
+        assert {text for side, text in seen if side == 32} == {"a red circle", "a blue circle"}  # the first pass
+        assert {text for side, text in seen if side == 64} == {"a blue circle"}
+    finally:
+        del pipe._context
+
+
+def test_a_runs_hires_block_replaces_the_defaults_and_none_turns_it_off(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "defaults:\n  size: 32\n  steps: 4\n  hires: {scale: 2, denoise: 0.3}\nruns:\n"
+        "  - prompt: a\n    hires: none\n  - prompt: b\n  - prompt: c\n    hires: {resize: 64x64}\n"
+        "  - prompt: d\n    hires: {scale: [none, 2], steps: 3, upscaler: lanczos}\n  - prompt: e\n"
+        "    hires: {scale: 2, prompt: ''}\n"
+    )
+    got = [
+        (r.prompt, r.hires_scale, r.hires_size, r.strength, r.hires_upscaler, r.hires_prompt)
+        for _, r in load_job(job).expand({}, 32, 7.5)
+    ]
+    assert got == [
+        ("a", None, None, None, "latent", None),  # hires: none: no hires fix, no denoise
+        ("b", 2.0, None, 0.3, "latent", None),  # the defaults'
+        ("c", None, (64, 64), 0.7, "latent", None),  # its own block, whole: A1111's default denoise
+        ("d", None, None, None, "latent", None),  # scale none: a plain image, the hires settings dropped
+        ("d", 2.0, None, 0.7, "lanczos", None),
+        ("e", 2.0, None, 0.7, "latent", None),  # an empty hires prompt is the prompt, as in A1111
+    ]
+
+
+def test_a_fixed_timestep_hires_sampler_ignores_the_first_pass_schedule_as_a1111():
+    recipe = hires_recipe(sampler="euler", karras=True, hires_sampler="ddim")
+    assert not list(recipe.problems()) and recipe.second_pass().schedule == "automatic"
+    text = (
+        "a cat\nSteps: 20, Sampler: DDIM, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, "
+        "Denoising strength: 0.5, Hires upscale: 2, Hires sampler: Euler"
+    )
+    imported = Recipe.from_a1111(text)  # A1111's hires Euler takes the main Schedule type, unused by DDIM
+    assert (imported.karras, imported.hires_sampler, imported.second_pass().schedule) == (False, "euler", "karras")

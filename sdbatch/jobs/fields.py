@@ -426,9 +426,10 @@ def _hires_size(item: Any, ctx: Context) -> list:
 
 
 def _hires_text(item: Any, ctx: Context) -> list:
+    """A second-pass prompt; empty means the first pass's, as A1111 reads an empty Hires prompt."""
     if isinstance(item, dict):
         raise ValueError("takes text (variants and wildcards expand), not a mapping")
-    return _text(item, ctx)
+    return [None] if item == "" else _text(item, ctx)
 
 
 def _upscaler(item: Any, ctx: Context) -> list:

@@ -19,7 +19,7 @@ from typing import Any
 from ..addons.library import Addons
 from ..errors import InputError
 from ..output.names import DEFAULT_TEMPLATE, FOLDER_TEMPLATE, template_problem, tokens
-from ..recipe import FIELDS, Recipe
+from ..recipe import DEFAULTS, FIELDS, HIRES, Recipe
 from ..render.devices import device_counts
 from ..text import printable, text_problem
 from .fields import (
@@ -200,6 +200,9 @@ class Job:
                 if chosen is SKIP:
                     continue  # its image has no mask, and the mask folder says missing: skip
                 recipe = Recipe(**chosen)
+                if not recipe.hires and any(getattr(recipe, n) != DEFAULTS[n] for n in HIRES):
+                    # `hires: {scale: [none, 2], ...}`: the images without hires fix drop its settings
+                    recipe = replace(recipe, **{n: DEFAULTS[n] for n in HIRES})
                 if recipe.init_image is None and not recipe.hires:
                     recipe = replace(recipe, strength=None)  # txt2img has no strength, whatever the default
                 for name, message in recipe.problems():
@@ -473,9 +476,9 @@ def _mask_missing(check: _Checker, block: LineDict, defaults: LineDict, prefix: 
     return block, defaults
 
 
-def _without(block: LineDict, key: str) -> LineDict:
-    """A copy of a block (its lines and labels too) without `key`."""
-    out = LineDict({k: v for k, v in block.items() if k != key})
+def _without(block: LineDict, *keys: str) -> LineDict:
+    """A copy of a block (its lines and labels too) without `keys`."""
+    out = LineDict({k: v for k, v in block.items() if k not in keys})
     out.line, out.lines = block.line, dict(getattr(block, "lines", {}))
     out.labels = dict(getattr(block, "labels", {}))
     return out
@@ -483,16 +486,21 @@ def _without(block: LineDict, key: str) -> LineDict:
 
 def _hires_block(check: _Checker, block: LineDict, prefix: str) -> LineDict:
     """The block with its `hires:` mapping spread into the recipe's hires fields (`scale` ->
-    hires_scale, `denoise` -> strength ...), each keeping its line; `hires: none` sets nothing."""
+    hires_scale, `denoise` -> strength ...), each keeping its line; `hires: none` is no hires fix."""
     if "hires" not in block:
         return block
     out = LineDict({k: v for k, v in block.items() if k != "hires"})
     out.line, out.lines, out.labels = block.line, dict(block.lines), {}
     hires, line = block["hires"], block.lines["hires"]
     if hires is None or hires is False or hires == "none":
+        for name in ("hires_scale", "hires_size"):  # also when defaults have a hires block
+            out[name], out.lines[name], out.labels[name] = None, line, "hires"
         return out
     if not isinstance(hires, LineDict):
         check.problem(line, prefix + "hires", f"must be a mapping (scale: 2, denoise: 0.5, ...), got {show(hires)}")
+        return out
+    if "scale" not in hires and "resize" not in hires:
+        check.problem(line, prefix + "hires", "give it a scale (scale: 2) or a resize (resize: 1024x1024)")
         return out
     for key, value in hires.items():
         name = HIRES_KEYS.get(key)
@@ -530,6 +538,8 @@ def _parse_run(check: _Checker, index: int, block: LineDict, defaults: LineDict,
     values: dict[str, list] = {}
     sources: dict[str, Source] = {}
     before = len(check.problems)
+    if "hires" in block:  # a run's hires block replaces the defaults' whole (its denoise too)
+        defaults = _without(defaults, *(k for k, label in getattr(defaults, "labels", {}).items() if "hires" in label))
     block = _hires_block(check, block, prefix)
     block, defaults = _mask_missing(check, block, defaults, prefix)
     for key in PARAMS:

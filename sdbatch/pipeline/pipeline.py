@@ -326,13 +326,15 @@ class Pipeline:
         requests: Sequence[Request],
         recipes: Sequence[Recipe],
         given: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None,
+        base: int | None = None,
     ) -> torch.Tensor:
         """One sampling pass over the batch; its final scaled latents. `recipes` (one per request)
         give the pass's parameters: the requests' own, or their hires second passes. `given` (the
         second pass) makes the scaled latents to start from, given the images' own generators (a
         pixel upscaler's VAE sample draws from them first, as img2img's does); the pass is then
         img2img from them at `strength`, by the compat's rule: diffusers' int(steps * strength) of
-        `steps`, or A1111's hires rule, exactly `steps` of a schedule of int(steps / strength)."""
+        `steps`, or A1111's hires rule, exactly `steps` of a schedule of int(steps / strength); its
+        prompt editing counts on from the first pass's `base` model calls, as A1111's does."""
         first = recipes[0]
         sampler = get_sampler(first.sampler)
         # img2img: from an init image, or from the first pass (a hires fix's `strength` is its
@@ -365,12 +367,17 @@ class Pipeline:
             begin = self._start(requests, plan, draw, own, begin_at)
         else:
             begin = start.from_image(plan, draw, given(own), first.steps, first.strength, begin_at)
+            if self.inpainting_model:  # A1111's second pass on one: all of it to paint, nothing known
+                n, _, h, w = begin.x.shape
+                nothing = torch.zeros(n, 3, h * self.latent_factor, w * self.latent_factor, device=self.device)
+                everywhere = torch.ones(n, 1, h, w, device=self.device)
+                begin.extra_channels = torch.cat([everywhere, self._encode(nothing, own)], dim=1)
         # A1111 counts prompt-editing steps per model call, over 2 x steps for its second-order samplers
         calls = 2 if sampler.second_order and first.a1111_sigmas else 1
         rows = GuidanceRows(
             [r.cfg for r in recipes],
             [
-                (self._schedule(q, r, strip_networks(r.prompt), calls), self._uncond(q, r, calls))
+                (self._schedule(q, r, strip_networks(r.prompt), calls, base), self._uncond(q, r, calls, base))
                 for q, r in zip(requests, recipes, strict=True)
             ],
             self.device,
@@ -410,7 +417,9 @@ class Pipeline:
             def given(own: Callable[[], torch.Tensor]) -> torch.Tensor:
                 return self._encode(pixels, own, goal.crop)
 
-        return self._sample(requests, [r.recipe.second_pass() for r in requests], given)
+        # A1111 counts the second pass's prompt editing on from the first pass's model calls
+        base = first.steps * (2 if get_sampler(first.sampler).second_order and first.a1111_sigmas else 1)
+        return self._sample(requests, [r.recipe.second_pass() for r in requests], given, base)
 
     def _crop(self, latents: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
         """A1111's centred crop of the upscaled latents (`truncate_x/y`, in latent cells)."""
@@ -429,16 +438,19 @@ class Pipeline:
         net = self._addon_file(use, lambda path: load_upscaler(path, self.device, self.dtype))
         return upscale_image(net, image, size, tile=self.tuning.upscale_tile)
 
-    def _schedule(self, request: Request, recipe: Recipe, text: str, calls: int = 1) -> Schedule:
+    def _schedule(
+        self, request: Request, recipe: Recipe, text: str, calls: int = 1, base: int | None = None
+    ) -> Schedule:
         """The prompt's contexts over the recipe's steps: (end step, context) per stretch of prompt
         editing (A1111's `[from:to:when]`, `[a|b]`); one entry for a prompt without editing. As in
         A1111, an img2img run of the last n of `steps` walks the schedule of all `steps` from its start."""
         embeddings = request.addons.embeddings
         steps = recipe.steps * calls  # `calls`: model calls per step, as A1111 counts them
-        return [(end, self._context(recipe, part, embeddings)) for end, part in prompt_schedule(text, steps)]
+        pieces = prompt_schedule(text, steps, base)  # base: a hires second pass, after the first's calls
+        return [(end, self._context(recipe, part, embeddings)) for end, part in pieces]
 
-    def _uncond(self, request: Request, recipe: Recipe, calls: int = 1) -> Schedule | None:
-        return None if recipe.cfg == 1 else self._schedule(request, recipe, recipe.negative, calls)
+    def _uncond(self, request: Request, recipe: Recipe, calls: int = 1, base: int | None = None) -> Schedule | None:
+        return None if recipe.cfg == 1 else self._schedule(request, recipe, recipe.negative, calls, base)
 
     def _plan(self, recipe: Recipe) -> tuple[NoiseSchedule, StepPlan]:
         """The noise schedule and step plan: as diffusers' scheduler for the sampler plans it, or, for

@@ -153,14 +153,18 @@ class _Edit:
     number: str  # lark's NUMBER token as written: its '.' decides fraction or step
     source: str  # the whole bracket as written, for messages
 
-    def switch(self, steps: int) -> float:
-        """The step after which `after` replaces `before`, before clamping (may be inf)."""
+    def switch(self, steps: int, base: int | None = None) -> float:
+        """The step after which `after` replaces `before`, before clamping (may be inf). In a hires
+        fix's second pass (`base`: the first pass's steps) A1111 counts on from the first pass: a
+        fraction `f` is (f - 1) of the second pass's steps, a step number n is n - base."""
         value = float(self.number)
+        if base is not None:
+            return (value - 1.0) * steps if "." in self.number else value - base
         return value * steps if "." in self.number else value
 
-    def when(self, steps: int) -> int:
+    def when(self, steps: int, base: int | None = None) -> int:
         """As A1111 (new timelines): min(steps, int(switch)), with +-inf read as +-huge."""
-        value = self.switch(steps)
+        value = self.switch(steps, base)
         if math.isinf(value):
             return steps if value > 0 else -1
         return min(steps, int(value))
@@ -369,7 +373,7 @@ def _walk(tree: tuple):
                 stack.extend(iter(p) for p in reversed(node.options))
 
 
-def _render(tree: tuple, step: int, steps: int) -> str:
+def _render(tree: tuple, step: int, steps: int, base: int | None = None) -> str:
     """The plain prompt at `step` (counted from 1). Iterative: nesting depth is the user's."""
     out: list[str] = []
     stack = [iter(tree)]
@@ -380,7 +384,7 @@ def _render(tree: tuple, step: int, steps: int) -> str:
         elif isinstance(node, str):
             out.append(node)
         elif isinstance(node, _Edit):
-            branch = (node.before or ()) if step <= node.when(steps) else node.after
+            branch = (node.before or ()) if step <= node.when(steps, base) else node.after
             stack.append(iter(branch))
         elif isinstance(node, _Alternate):
             stack.append(iter(node.options[(step - 1) % len(node.options)]))
@@ -395,7 +399,7 @@ def _render(tree: tuple, step: int, steps: int) -> str:
     return "".join(out)
 
 
-def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(text: str, steps: int, base: int | None = None) -> list[tuple[int, str]]:
     """(end step, plain prompt) pairs over `steps` sampling steps: A1111's
     `get_learned_conditioning_prompt_schedules([text], steps)[0]`. The prompt of pair k is used for
     steps end(k-1)+1 .. end(k) (steps counted from 1); the last end is `steps`.
@@ -404,9 +408,11 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
     `[a|b|c]` takes option (step-1) mod 3 at each step. This is A1111 1.10's default ("new")
     timeline for a first pass: a `when` written with a '.' is a fraction of the steps
     (int(when*steps): `0.5`, `1.5`), one without is a step number (`3`, `1e1`); the switch comes
-    after step min(steps, int(...)), and one below step 1 never shows `from`. Not modelled: the
-    hires-fix pass (`hires_steps`) and the old timeline option (`use_old_scheduling`). Also note
-    that A1111 calls this with the sampler's total steps (twice `steps` for second-order samplers).
+    after step min(steps, int(...)), and one below step 1 never shows `from`. With `base` (the
+    first pass's steps) this is a hires fix's second pass, A1111's `hires_steps` timeline: the
+    edits continue from the first pass (`[a:b:0.5]` is `b` all through it; see `_Edit.switch`). Not
+    modelled: the old timeline option (`use_old_scheduling`). Also note that A1111 calls this
+    with the sampler's total steps (twice `steps` for second-order samplers).
 
     A text that the grammar does not parse (a '|' outside `[a|b]`, a backslash at the end) is used
     as written, and unbalanced brackets are text, as in A1111: nothing here raises."""
@@ -418,12 +424,12 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
     ends = {steps}
     for node in _walk(tree):
         if isinstance(node, _Edit):
-            when = node.when(steps)
+            when = node.when(steps, base)
             if when >= 1:
                 ends.add(when)
         elif isinstance(node, _Alternate):
             ends.update(range(1, steps + 1))
-    return [(end, _render(tree, end, steps)) for end in sorted(ends)]
+    return [(end, _render(tree, end, steps, base)) for end in sorted(ends)]
 
 
 # ---------------------------------------------------------------------------------------------
