@@ -343,3 +343,10 @@ def test_crop_of_an_extreme_aspect_keeps_the_centre_without_resizing_it_whole():
     strip.paste((255, 0, 0), (2000, 0, 4000, 2))  # red from the middle on: the kept 2 px straddle it
     out = fit(strip, 64, 64, "strip", "crop")
     assert out.size == (64, 64) and out.getpixel((2, 32))[2] > 200 and out.getpixel((61, 32))[0] > 200
+
+
+def test_resize_without_any_init_image_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("prompt: a circle\nsize: 32\nresize: crop\n")
+    with pytest.raises(JobError, match=r"job.yaml:3: resize: applies to images with an init_image"):
+        load_job(path)
