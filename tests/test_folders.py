@@ -350,3 +350,14 @@ def test_resize_without_any_init_image_is_refused_with_its_line(tmp_path):
     path.write_text("prompt: a circle\nsize: 32\nresize: crop\n")
     with pytest.raises(JobError, match=r"job.yaml:3: resize: applies to images with an init_image"):
         load_job(path)
+
+
+def test_a_size_from_an_image_out_of_range_names_the_image(tmp_path):
+    (tmp_path / "big").mkdir()
+    Image.new("RGB", (9000, 64)).save(tmp_path / "big" / "wide.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "big" / "ok.png")
+    path = tmp_path / "job.yaml"
+    path.write_text("prompt: x\ninit_image: {folder: big}\nsize: from_image\nstrength: 0.5\n")
+    with pytest.raises(JobError, match=r"job.yaml:3: size: wide.png is 9000x64: from_image makes 9000x64") as e:
+        load_job(path)
+    assert len(e.value.problems) == 1

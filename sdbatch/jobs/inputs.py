@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..images import aspect_differs, size_from_image
+from ..recipe import MAX_SIDE
 
 MISSING = ("skip", "full")  # what `missing:` of a mask folder may say
 SIZE_KINDS = ("width", "height", "max_pixels")  # the keys of `size: {width: 768}` and its kin
@@ -117,7 +118,13 @@ def resolve(
     if isinstance(chosen["size"], SizeOf):
         if init is None:
             return chosen | {"size": (512, 512)}, [("size", f"{chosen['size']} needs an init_image to take it from")]
+        size_text = str(chosen["size"])
         chosen = chosen | {"size": chosen["size"].of(image_sizes[init])}
+        w, h = chosen["size"]
+        if not (8 <= w <= MAX_SIDE and 8 <= h <= MAX_SIDE):  # name the image: in a folder of 10,000 it matters
+            iw, ih = image_sizes[init]
+            message = f"{Path(init).name} is {iw}x{ih}: {size_text} makes {w}x{h}, outside 8..{MAX_SIDE}"
+            return chosen | {"size": (512, 512)}, [("size", message)]  # stands in: the problem is said here
     problems = []
     size = chosen["size"]
     if chosen["resize"] is None and isinstance(size, tuple) and len(size) == 2 and all(size):
