@@ -408,11 +408,12 @@ class Pipeline:
             def given(own: Callable[[], torch.Tensor]) -> torch.Tensor:
                 return self._crop(upscaled, goal.crop)
 
-        else:
+        else:  # to A1111's unrounded size (665 for 512 x 1.3): the encoder's latents are whole cells of it
             low = self._decode_images(latents)
             use = requests[0].addons.upscaler
-            big = [self._upscale(image, (w, h), name, use) for image in to_pil(low)]
-            pixels = torch.cat([image_tensor(image, w, h) for image in big]).to(self.device)
+            size = goal.upscale
+            big = [self._upscale(image, size, name, use) for image in to_pil(low)]
+            pixels = torch.cat([image_tensor(image, *size) for image in big]).to(self.device)
 
             def given(own: Callable[[], torch.Tensor]) -> torch.Tensor:
                 return self._encode(pixels, own, goal.crop)
@@ -427,10 +428,21 @@ class Pipeline:
         return latents[:, :, ty // 2 : latents.shape[2] - (ty + 1) // 2, tx // 2 : latents.shape[3] - (tx + 1) // 2]
 
     def _upscale(self, image: Image.Image, size: tuple[int, int], name: str, use: Any) -> Image.Image:
-        """A decoded first-pass image brought to `size`: Lanczos or nearest (A1111's "None" is a
-        Lanczos resize too), or an upscaler model run tiled until big enough, then Lanczos."""
+        """A decoded first-pass image brought to `size` as A1111's `resize_image` brings it: "None"
+        is one Lanczos resize; its Lanczos and Nearest upscalers resize by the scale, then (Lanczos)
+        to whole 8-pixel cells of that, then to `size`; an upscaler model runs tiled until big
+        enough, then the same."""
+        lanczos = Image.Resampling.LANCZOS
+        if name == "none":
+            return image.resize(size, lanczos)
         if name in hires.PIXEL:
-            return image.resize(size, Image.Resampling.NEAREST if name == "nearest" else Image.Resampling.LANCZOS)
+            scale = max(size[0] / image.width, size[1] / image.height)
+            if scale > 1:
+                by = (int(image.width * scale), int(image.height * scale))
+                image = image.resize(by, Image.Resampling.NEAREST if name == "nearest" else lanczos)
+                cells = (by[0] // 8 * 8, by[1] // 8 * 8)
+                image = image if image.size == cells else image.resize(cells, lanczos)
+            return image if image.size == size else image.resize(size, lanczos)
         if use is None:
             raise RequestError(f"hires upscaler {name!r}: the request names no upscaler file")
         from ..upscale import load_upscaler, upscale_image
