@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdbatch.jobs.fields import PARAMS
-from sdbatch.jobs.job import TOP_KEYS
+from sdbatch.jobs.job import BLOCK_KEYS, TOP_KEYS
 from sdbatch.output.names import MAX_NAME_BYTES, TOKENS
 
 MEMORY_LIMIT = 2 * 2**30
@@ -102,7 +102,7 @@ ANY = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
     max_leaves=6,
 )
-KEY = st.one_of(st.sampled_from([*TOP_KEYS, *PARAMS, "cfg_scale", "width", "bogus"]), TEXT)
+KEY = st.one_of(st.sampled_from([*TOP_KEYS, *PARAMS, *BLOCK_KEYS, "cfg_scale", "width", "bogus"]), TEXT)
 
 
 def _value(key: str) -> st.SearchStrategy:
@@ -129,6 +129,19 @@ SANE = {
     "devices": st.sampled_from(["cpu", "auto", "cpu*2"]),
     "sheet": st.sampled_from([{"x": "seed"}, {"x": "cfg", "y": "seed"}]),
     "batch_size": st.sampled_from(["auto", 2]),
+    "hires": st.sampled_from(
+        [
+            {"scale": 2},
+            {"scale": [None, 1.5], "denoise": "0.3-0.7 [3]", "steps": 2},
+            {"resize": "48x0", "upscaler": "lanczos", "sampler": "ddim"},
+            {"resize": [40, 24], "upscaler": "Latent (bicubic)", "prompt": "[a:b:0.5]", "cfg": 3},
+            {"scale": 2, "upscaler": "no-such-model"},
+            None,
+            "none",
+            {},
+        ]
+    ),
+    "mask_missing": st.sampled_from(["skip", "full", "bogus"]),
 }
 SANE_KEYS = st.sampled_from(sorted(SANE))
 RUN = st.lists(st.one_of(PARAMETERS, SANE_KEYS.flatmap(lambda k: st.tuples(st.just(k), SANE[k]))), max_size=4).map(dict)

@@ -563,10 +563,11 @@ def _parse_run(check: _Checker, index: int, block: LineDict, defaults: LineDict,
         if parsed is not None:
             values[key] = parsed
             sources[key] = Source(check.name, line, label)
+    if len(check.problems) > before:
+        return None
     if any(v is not None for v in values["resize"]) and all(v is None for v in values["init_image"]):
         src = sources["resize"]
         check.problem(src.line, src.field, "applies to images with an init_image (img2img, inpainting) only")
-    if len(check.problems) > before:
         return None
     if values["compat"] == ["a1111"] and "rng" not in block and "rng" not in defaults:
         values["rng"] = ["a1111"]  # one line makes a run A1111's: its noise too, unless rng says otherwise
