@@ -4,19 +4,48 @@ SIGTERM is made Ctrl-C before anything else is imported, so that systemd, SLURM 
 moment (even while the CLI is still starting) gets what Ctrl-C gets: exit 130, nothing half-written.
 """
 
+import atexit
+import contextlib
+import os
 import signal
 import sys
+
+EXIT_INTERRUPTED = 130  # sdbatch.errors says the same; not imported here, so that this runs first
 
 
 def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        from sdbatch.cli import app
+        try:
+            from sdbatch.cli import app
 
-        app(prog_name="sdbatch")  # typer turns a KeyboardInterrupt in a command into exit 130
-    except KeyboardInterrupt:  # while importing
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+            app(prog_name="sdbatch")  # typer turns a KeyboardInterrupt in a command into exit 130
+        except KeyboardInterrupt:  # while importing
+            print("interrupted", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as e:
+        if e.code != EXIT_INTERRUPTED:
+            raise
+        exit_interrupted()
+    except KeyboardInterrupt:  # one more while the first was being handled
+        exit_interrupted()
+
+
+def exit_interrupted() -> None:
+    """Exit 130 now, and not through sys.exit: a Ctrl-C (or our SIGTERM) that lands while C code
+    runs Python through PyRun_String (importing torch, say) sets CPython's "unhandled
+    KeyboardInterrupt" flag for good, and Py_RunMain then ends the process by SIGINT (status -2)
+    whatever sys.exit said, although the interrupt was handled. Later signals are ignored, the
+    atexit handlers run (the worker pool's among them), the streams are flushed, then _exit."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+                stream.flush()
+        os._exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":
