@@ -101,3 +101,41 @@ def test_sigterm_to_the_process_group_finishes_the_images_in_flight(tmp_path, de
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "failed" not in stderr
     assert_whole_and_resumable(tmp_path, out)
+
+
+def test_an_interrupt_that_passed_through_c_run_python_still_exits_130(tmp_path):
+    """The cause of a rare `-2` instead of 130: a KeyboardInterrupt raised while C code runs Python
+    through PyRun_String (torch's import does) sets CPython's unhandled-Ctrl-C flag for good, and
+    under `python -m` Py_RunMain then kills the process with SIGINT after sys.exit(130). Here the
+    interrupt is made to go through PyRun_SimpleString; the same module exiting by sys.exit(130)
+    dies by SIGINT (the test can fail), sdbatch's main exits 130."""
+    (tmp_path / "interrupt_via_c.py").write_text(
+        textwrap.dedent(
+            """
+            import ctypes, sys
+            import sdbatch.cli
+
+            def app(prog_name):
+                ctypes.pythonapi.PyRun_SimpleString(b"raise KeyboardInterrupt")
+                raise KeyboardInterrupt
+
+            sdbatch.cli.app = app
+            if sys.argv[1] == "sys.exit":
+                try:
+                    app("sdbatch")
+                except KeyboardInterrupt:
+                    sys.exit(130)
+            else:
+                from sdbatch.__main__ import main
+
+                main()
+            """
+        )
+    )
+
+    def status(how: str) -> int:
+        command = [sys.executable, "-m", "interrupt_via_c", how]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120).returncode
+
+    assert status("sys.exit") == -signal.SIGINT
+    assert status("main") == 130
