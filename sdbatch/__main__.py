@@ -10,11 +10,12 @@ import os
 import signal
 import sys
 
-EXIT_INTERRUPTED = 130  # sdbatch.errors says the same; not imported here, so that this runs first
+from sdbatch.errors import EXIT_INTERRUPTED, on_interrupt  # a few lines: the handler is in before anything big
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_interrupt)
     try:
         try:
             from sdbatch.cli import app

@@ -19,3 +19,18 @@ class OutputLocked(Exception):
     """Another run holds the output folder, so that cron can tell "busy" from "broken"."""
 
     exit_code = EXIT_LOCKED
+
+
+class Interrupts:
+    """Ctrl-C and SIGTERM this process has received through `on_interrupt` (the `sdbatch` entry
+    point's handler). A KeyboardInterrupt raised while Python runs a `__del__` is printed and
+    dropped by Python itself, so a signal landing there (a library's cleanup during an import)
+    would be lost; the count keeps it, and a run starting after it stops at once (runner)."""
+
+    seen = 0
+
+
+def on_interrupt(signum: int, frame: object) -> None:
+    """SIGINT/SIGTERM -> KeyboardInterrupt, counted in `Interrupts.seen`."""
+    Interrupts.seen += 1
+    raise KeyboardInterrupt

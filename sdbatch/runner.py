@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError, Interrupts
 from .files import clean_temp_files, no_link, prepare_folder, read_record, write_atomic
 from .hires import auto_vae_tile
 from .jobs import Job, Task, draw_randoms
@@ -146,6 +146,9 @@ class Interrupt:
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if Interrupts.seen:  # one came before, and its KeyboardInterrupt was lost (see Interrupts)
+                self.requested = True
+                raise KeyboardInterrupt
             yield self
         finally:
             for s, h in previous.items():

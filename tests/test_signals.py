@@ -139,3 +139,26 @@ def test_an_interrupt_that_passed_through_c_run_python_still_exits_130(tmp_path)
 
     assert status("sys.exit") == -signal.SIGINT
     assert status("main") == 130
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped one, on purpose
+def test_an_interrupt_python_dropped_in_a_del_still_stops_the_run_before_it_renders(tmp_path, monkeypatch):
+    """Python prints and drops a KeyboardInterrupt raised inside a `__del__` (a library's cleanup
+    while the CLI imports): the entry point's handler counts it, and the run then stops at once."""
+    from sdbatch.errors import Interrupts, on_interrupt
+    from sdbatch.jobs import load_job
+    from sdbatch.runner import Options, Reporter, run_job
+
+    class Dropped:
+        def __del__(self):
+            on_interrupt(signal.SIGTERM, None)  # as if the signal landed here
+
+    monkeypatch.setattr(Interrupts, "seen", 0)
+    Dropped()  # Python prints "Exception ignored in ..." and goes on
+    assert Interrupts.seen == 1
+    job = tmp_path / "job.yaml"
+    job.write_text(textwrap.dedent(JOB))
+    rendered = []
+    with pytest.raises(KeyboardInterrupt):
+        run_job(load_job(job), Options(), Reporter(), render=lambda batch: rendered.extend(batch) or [])
+    assert rendered == [] and not list((tmp_path / "outputs").glob("**/*.png"))
