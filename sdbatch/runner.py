@@ -181,6 +181,8 @@ def run_job(job: Job, options: Options, reporter: Reporter, render: Callable | N
         _tidy(plan, Manifest(folder, manifest_name(options.shard)), reporter, summary)
         todo = plan.todo
         reporter.start(job, len(plan.tasks), len(todo), folder)
+        for note in job.notes:
+            reporter.note(note)
         if todo:
             _render_all(plan, todo, options, reporter, summary, render, interrupt)
         if options.sheets and not summary.interrupted and not summary.stopped and _all_done(plan):

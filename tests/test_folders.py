@@ -7,6 +7,8 @@ import hashlib
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,17 @@ def test_a_folder_expands_into_the_init_image_axis_in_sorted_order(tmp_path):
     assert [Path(p).name for p in deep] == ["a-blue.png", "b-red.png", "c-green.png", "d-white.png"]
     every = load_job(job(tmp_path, "{folder: photos}")).runs[0].values["init_image"]
     assert len(every) == 3, "no glob: every image directly in the folder; .hidden.png and notes.txt skipped"
+
+
+def test_skipped_hidden_and_non_image_files_are_said_at_validate(tmp_path):
+    photos(tmp_path / "photos")
+    done = subprocess.run(
+        [sys.executable, "-m", "sdbatch", "validate", str(job(tmp_path, "{folder: photos, glob: '**/*'}"))],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"note: .*photos: skipped 1 hidden and 1 not an image by its suffix \(notes.txt\)", done.stdout)
 
 
 @pytest.mark.parametrize(

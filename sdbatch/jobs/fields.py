@@ -19,7 +19,7 @@ from ..images import RESIZE_MODES, ImageError, check_image
 from ..prompts.networks import name_problem
 from ..recipe import DEFAULTS, FIELDS, RULES
 from ..samplers import SAMPLER_NAMES, SAMPLERS
-from ..text import text_problem
+from ..text import printable, text_problem
 from .inputs import LATER, MISSING, SIZE_KINDS, MaskFolder, SizeOf
 from .ranges import MAX_AXIS_VALUES, RangeError, parse_range
 from .wildcards import expand, has_syntax
@@ -76,6 +76,7 @@ class Context:
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     wildcards: Path | None = None  # the job's `wildcards:` folder (else weights/wildcards)
     folders_used: bool = False  # some init_image came from {folder: ...}: file names keep the source
+    notes: list[str] = field(default_factory=list)  # what validate and run say besides problems (skipped files)
 
 
 def show(value: Any, limit: int = 60) -> str:
@@ -233,15 +234,28 @@ def _folder_images(item: dict, ctx: Context, example: str) -> list[str]:
     if not isinstance(globs, list) or not globs or not all(isinstance(g, str) and g.strip() for g in globs):
         raise ValueError(f"glob must be a pattern or a list of patterns, got {show(item.get('glob'))}")
     found: set[Path] = set()
+    hidden_files: set[Path] = set()
+    others: set[Path] = set()
     for pattern in globs:
         if pattern.startswith("/") or ".." in Path(pattern).parts:
             raise ValueError(f"glob {pattern!r} must stay inside the folder")
         for path in folder.glob(pattern):
             hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-            if not hidden and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            if not path.is_file():
+                continue
+            if hidden:
+                hidden_files.add(path)
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                others.add(path)
+            else:
                 found.add(path)
                 if len(found) > MAX_AXIS_VALUES:
                     raise ValueError(f"more than {MAX_AXIS_VALUES:,} images in {folder}")
+    if hidden_files or others:
+        shown = ", ".join(p.name for p in sorted(others)[:3]) + (", ..." if len(others) > 3 else "")
+        parts = [f"{len(hidden_files)} hidden"] if hidden_files else []
+        parts += [f"{len(others)} not an image by its suffix ({shown})"] if others else []
+        ctx.notes.append(f"{printable(str(folder))}: skipped {' and '.join(parts)}")
     if not found:
         raise ValueError(f"no image in {folder} matches {', '.join(globs)}")
     for path in sorted(found):

@@ -157,6 +157,7 @@ class Job:
     lora_folder: Path | None = None  # looked in before the weights folders (sdbatch.addons.library)
     embedding_folder: Path | None = None
     upscaler_folder: Path | None = None  # hires fix's upscaler models, before weights/upscalers
+    notes: list[str] = field(default_factory=list)  # said by validate and run: files a folder skipped
 
     def random_slots(self) -> dict[str, int]:
         """`run<i>.seed` (and `run<i>.prompt`, `run<i>.negative`) -> how many draws that run needs."""
@@ -376,6 +377,7 @@ def parse_job(text: str, file: Path) -> Job:
     if check.problems:
         raise JobError(check.problems)
     job.image_sizes = check.ctx.image_sizes
+    job.notes = list(dict.fromkeys(check.ctx.notes))
     if job.size() > MAX_TASKS:
         message = f"expands to {job.size():,} images (at most {MAX_TASKS:,} per job)"
         raise JobError([Problem(check.name, 0, "", message)])
