@@ -122,13 +122,13 @@ def validate(job_file: JobArg) -> None:
         job = load_job(job_file)
         model = ModelInfo.of(job.model, job.vae)
         check_model_files(model.path, model.vae)  # both headers, kinds, configs and key shapes; no weights read
-        job.check(model.size, model.cfg)  # the rules again, at the model's own size
+        images = job.check(model.size, model.cfg)  # the rules again, at the model's own size
         check_job_addons(job, model)  # LoRA and embedding files: found, hashed, headers checked
     for note in job.notes:
         _say(f"note: {note}")
     slots = job.random_slots()
     extra = f" ({sum(slots.values())} seeds drawn at random when it first runs)" if slots else ""
-    _say(f"{printable(str(job_file))}: ok: {job.size()} images in {len(job.runs)} run(s){extra}")
+    _say(f"{printable(str(job_file))}: ok: {images} images in {len(job.runs)} run(s){extra}")
 
 
 @app.command()

@@ -173,6 +173,7 @@ def test_missing_skip_renders_only_the_images_that_have_a_mask(tmp_path):
     inputs(tmp_path)
     out = rendered(inpaint_job(tmp_path, "from_image", "{folder: masks, missing: skip}"))
     assert sorted(out) == sorted(MASKED)
+    assert load_job(tmp_path / "job.yaml").check(32, 7.5) == len(MASKED), "validate counts what will render"
     [beside] = load_job(inpaint_job(tmp_path, "from_image", "{folder: masks}", "mask_missing: skip\n")).runs
     [inside] = load_job(inpaint_job(tmp_path, "from_image", "{folder: masks, missing: skip}")).runs
     [a], [b] = beside.values["mask"], inside.values["mask"]

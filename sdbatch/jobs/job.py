@@ -154,6 +154,7 @@ class Job:
     runs: list[Run]
     sheet: dict[str, str | None]
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    kept: int = 0  # images the last expansion made (after a mask folder's `missing: skip`)
     lora_folder: Path | None = None  # looked in before the weights folders (sdbatch.addons.library)
     embedding_folder: Path | None = None
     upscaler_folder: Path | None = None  # hires fix's upscaler models, before weights/upscalers
@@ -187,6 +188,7 @@ class Job:
             problems.setdefault((src.line, src.field, message), Problem(src.file, src.line, src.field, message))
 
         model = {"size": (size, size), "cfg": float(cfg)}
+        kept = 0  # combinations made into recipes (a mask folder's `missing: skip` drops some)
         for run in self.runs:
             for name, message in run_problems(run.values):
                 report(run, name, message)
@@ -208,15 +210,19 @@ class Job:
                     recipe = replace(recipe, strength=None)  # txt2img has no strength, whatever the default
                 for name, message in recipe.problems():
                     report(run, name, message)
+                kept += 1
                 if keep:
                     out.append((run.index, recipe))
         if problems:
             raise JobError(list(problems.values()))
+        self.kept = kept
         return out
 
-    def check(self, size: int, cfg: float) -> None:
-        """Every rule over every combination, without keeping them (random seeds stand in as 0)."""
+    def check(self, size: int, cfg: float) -> int:
+        """Every rule over every combination, without keeping them (random seeds stand in as 0);
+        how many images they make."""
         self.expand({k: [0] * n for k, n in self.random_slots().items()}, size, cfg, keep=False)
+        return self.kept
 
 
 def _drawn(values: list, draws: list[int]) -> list:
