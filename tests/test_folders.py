@@ -205,10 +205,17 @@ def test_a_stray_mask_is_refused_with_its_line(tmp_path):
         load_job(inpaint_job(tmp_path, "from_image"))
 
 
-def test_a_size_from_the_image_needs_an_image(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prompt: a circle\nsize: from_image\n", r"job.yaml:2: size: from_image needs an init_image"),
+        ("prompt: a circle\nsize: 32\nresize: crop\n", r"job.yaml:3: resize: applies to images with an init_image"),
+    ],
+)
+def test_image_settings_without_an_image_are_refused_with_their_line(tmp_path, text, message):
     path = tmp_path / "job.yaml"
-    path.write_text("prompt: a circle\nsize: from_image\n")
-    with pytest.raises(JobError, match=r"job.yaml:2: size: from_image needs an init_image"):
+    path.write_text(text)
+    with pytest.raises(JobError, match=message):
         load_job(path)
 
 
@@ -357,13 +364,6 @@ def test_crop_of_an_extreme_aspect_keeps_the_centre_without_resizing_it_whole():
     strip.paste((255, 0, 0), (2000, 0, 4000, 2))  # red from the middle on: the kept 2 px straddle it
     out = fit(strip, 64, 64, "strip", "crop")
     assert out.size == (64, 64) and out.getpixel((2, 32))[2] > 200 and out.getpixel((61, 32))[0] > 200
-
-
-def test_resize_without_any_init_image_is_refused_with_its_line(tmp_path):
-    path = tmp_path / "job.yaml"
-    path.write_text("prompt: a circle\nsize: 32\nresize: crop\n")
-    with pytest.raises(JobError, match=r"job.yaml:3: resize: applies to images with an init_image"):
-        load_job(path)
 
 
 def test_a_size_from_an_image_out_of_range_names_the_image(tmp_path):

@@ -497,8 +497,7 @@ def _hires_block(check: _Checker, block: LineDict, prefix: str) -> LineDict:
     hires_scale, `denoise` -> strength ...), each keeping its line; `hires: none` is no hires fix."""
     if "hires" not in block:
         return block
-    out = LineDict({k: v for k, v in block.items() if k != "hires"})
-    out.line, out.lines, out.labels = block.line, dict(block.lines), {}
+    out = _without(block, "hires")
     hires, line = block["hires"], block.lines["hires"]
     if hires is None or hires is False or hires == "none":
         for name in ("hires_scale", "hires_size"):  # also when defaults have a hires block

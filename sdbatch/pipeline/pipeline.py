@@ -64,6 +64,11 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, mode: str, empty: tor
     return out.to(z.dtype)
 
 
+def _calls_per_step(recipe: Recipe) -> int:
+    """Model calls A1111 counts per step for prompt editing: 2 for its second-order samplers."""
+    return 2 if get_sampler(recipe.sampler).second_order and recipe.a1111_sigmas else 1
+
+
 class RequestError(InputError):
     """A request that cannot be rendered as given; the message says which field and why."""
 
@@ -373,7 +378,7 @@ class Pipeline:
                 everywhere = torch.ones(n, 1, h, w, device=self.device)
                 begin.extra_channels = torch.cat([everywhere, self._encode(nothing, own)], dim=1)
         # A1111 counts prompt-editing steps per model call, over 2 x steps for its second-order samplers
-        calls = 2 if sampler.second_order and first.a1111_sigmas else 1
+        calls = _calls_per_step(first)
         rows = GuidanceRows(
             [r.cfg for r in recipes],
             [
@@ -419,7 +424,7 @@ class Pipeline:
                 return self._encode(pixels, own, goal.crop)
 
         # A1111 counts the second pass's prompt editing on from the first pass's model calls
-        base = first.steps * (2 if get_sampler(first.sampler).second_order and first.a1111_sigmas else 1)
+        base = first.steps * _calls_per_step(first)
         return self._sample(requests, [r.recipe.second_pass() for r in requests], given, base)
 
     def _crop(self, latents: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
