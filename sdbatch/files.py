@@ -24,6 +24,22 @@ def content_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+class TooLarge(ValueError):
+    """A text file past the limit its reader set (`read_limited`)."""
+
+
+def read_limited(path: str | Path, limit: int) -> bytes:
+    """The bytes of a text file someone wrote (a job, a prompt or wildcard file, an infotext), read
+    to at most `limit` bytes: never the size the file system reports, which is 0 for /dev/zero, a
+    FIFO or a /proc file, so no such path can fill the memory. TooLarge past the limit; OSError
+    (IsADirectoryError, FileNotFoundError, ...) as open() raises it."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"larger than {limit // 2**20} MB" if limit >= 2**20 else f"larger than {limit:,} bytes")
+    return data
+
+
 def temp_name(path: Path) -> Path:
     """`.NAME.tmp-HOST-PID`, unique per process; a name too long for that is shortened and keeps
     a hash of the whole name, so two long names never share a temp file."""

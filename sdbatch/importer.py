@@ -18,6 +18,7 @@ import yaml
 
 from .checkpoints import SHIPPED_WEIGHTS, model_hash, weights_dir
 from .errors import InputError
+from .files import TooLarge, read_limited
 from .jobs.job import HIRES_KEYS
 from .jobs.wildcards import has_syntax
 from .output.a1111 import parse_infotext
@@ -34,7 +35,8 @@ def read_infotext(source: Path) -> str:
     """The `parameters` text of a PNG, or a text file's contents (UTF-8)."""
     shown = printable(str(source))
     try:
-        head = source.open("rb").read(8)
+        with source.open("rb") as f:
+            head = f.read(8)
     except OSError as e:
         raise InputError(f"{shown}: cannot read ({e.strerror or e})") from None
     if head.startswith(b"\x89PNG"):
@@ -42,10 +44,12 @@ def read_infotext(source: Path) -> str:
         if "parameters" not in text:
             raise InputError(f"{shown}: carries no A1111 parameters (no `parameters` text chunk)")
         return text["parameters"]
-    if source.stat().st_size > MAX_TEXT:
-        raise InputError(f"{shown}: larger than {MAX_TEXT} bytes; an infotext is a few KB")
     try:
-        return source.read_text(encoding="utf-8")
+        return read_limited(source, MAX_TEXT).decode("utf-8-sig")
+    except TooLarge as e:
+        raise InputError(f"{shown}: {e}; an infotext is a few KB") from None
+    except OSError as e:
+        raise InputError(f"{shown}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError:
         raise InputError(f"{shown}: neither a PNG nor UTF-8 text") from None
 

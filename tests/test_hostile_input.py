@@ -164,6 +164,36 @@ def test_a_prompt_file_with_control_characters_and_one_that_is_not_a_file(tmp_pa
     assert_one_error_line(sdbatch("validate", str(job)), "job.yaml:1: prompt:", "not a regular file")
 
 
+def capped(*args: str) -> subprocess.CompletedProcess:
+    """sdbatch under a 4 GiB address-space cap: a read that follows a file to its end fails fast
+    (MemoryError, a traceback) instead of filling the machine."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    return subprocess.run(
+        [sys.executable, "-m", "sdbatch", *args], capture_output=True, text=True, timeout=120, preexec_fn=cap
+    )
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/dev/urandom"])
+def test_endless_files_are_read_only_up_to_a_limit(tmp_path, path):
+    """`import /dev/zero` once read until the machine ran out of memory (stat says 0 bytes): every
+    text a user names (job, import source, prompt and wildcard files) is read to a limit instead."""
+    assert_one_error_line(capped("import", path), path, "larger than")
+    assert_one_error_line(capped("validate", path), path, "larger than")
+
+
+def test_a_huge_wildcard_file_is_refused_not_read(tmp_path):
+    wildcards = tmp_path / "wildcards"
+    wildcards.mkdir()
+    with open(wildcards / "huge.txt", "wb") as f:
+        f.truncate(64 << 20)  # sparse: 64 MB of NULs that take no disk
+    job = job_file(tmp_path, "prompt: a __huge__ cat\nwildcards: wildcards\n")
+    assert_one_error_line(capped("validate", str(job)), "job.yaml:1: prompt:", "huge.txt", "larger than 16 MB")
+
+
 # ----------------------------------------------------------------------------------------------------
 # images: bombs, damage, in jobs and in inspect
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import TooLarge, read_limited
 from ..hires import builtin
 from ..images import RESIZE_MODES, ImageError, check_image
 from ..prompts.networks import name_problem
@@ -143,10 +144,12 @@ def _prompt_file(item: dict, ctx: Context) -> list[str]:
         raise ValueError(f"prompt file {path} does not exist")
     if not path.is_file():
         raise ValueError(f"prompt file {path} is not a regular file")
-    with path.open("rb") as f:
-        data = f.read(MAX_PROMPT_FILE + 1)
-    if len(data) > MAX_PROMPT_FILE:
-        raise ValueError(f"prompt file {path} is larger than {MAX_PROMPT_FILE // 2**20} MB")
+    try:
+        data = read_limited(path, MAX_PROMPT_FILE)
+    except TooLarge as e:
+        raise ValueError(f"prompt file {path} is {e}") from None
+    except OSError as e:
+        raise ValueError(f"prompt file {path}: cannot be read ({e.strerror or e})") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

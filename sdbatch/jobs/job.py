@@ -18,6 +18,7 @@ from typing import Any
 
 from ..addons.library import Addons
 from ..errors import InputError
+from ..files import TooLarge, read_limited
 from ..output.names import DEFAULT_TEMPLATE, FOLDER_TEMPLATE, template_problem, tokens
 from ..recipe import DEFAULTS, FIELDS, HIRES, Recipe
 from ..render.devices import device_counts
@@ -330,16 +331,15 @@ def load_job(path: str | Path) -> Job:
     file = Path(path)
     where = printable(str(file))
     try:
-        with file.open("rb") as f:
-            data = f.read(MAX_JOB_FILE + 1)
+        data = read_limited(file, MAX_JOB_FILE)
+    except TooLarge as e:
+        raise JobError([Problem(where, 0, "", f"{e}; a job file is short text")]) from None
     except FileNotFoundError:
         raise JobError([Problem(where, 0, "", "job file not found")]) from None
     except IsADirectoryError:
         raise JobError([Problem(where, 0, "", "is a folder, not a job file")]) from None
     except (OSError, ValueError) as e:
         raise JobError([Problem(where, 0, "", f"cannot be read ({getattr(e, 'strerror', None) or e})")]) from None
-    if len(data) > MAX_JOB_FILE:
-        raise JobError([Problem(where, 0, "", f"larger than {MAX_JOB_FILE // 2**20} MB; a job file is short text")])
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

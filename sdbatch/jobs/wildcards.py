@@ -13,8 +13,11 @@ import re
 from pathlib import Path
 
 from ..checkpoints.locate import weights_dir
+from ..files import TooLarge, read_limited
 from ..text import text_problem
 from .ranges import MAX_AXIS_VALUES
+
+MAX_WILDCARD_FILE = 16 * 2**20  # bytes; a wildcard file is a list someone wrote
 
 WILDCARD = re.compile(r"__([A-Za-z0-9_\-./*]+?)__")
 VARIANTS = re.compile(r"\{[^{}]*\|[^{}]*\}|\{[^{}]*\$\$")  # {a|b}, {2$$a|b|c}
@@ -62,10 +65,12 @@ def _check_wildcard(name: str, folder: Path) -> None:
     path = folder / f"{name}.txt"
     if ".." in Path(name).parts or not path.is_file():
         raise ValueError(f"unknown wildcard __{name}__: no file {path}")
-    values = [
-        line.strip()
-        for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
-        if line.strip() and not line.strip().startswith("#")
-    ]
+    try:
+        text = read_limited(path, MAX_WILDCARD_FILE).decode("utf-8-sig", errors="replace")
+    except TooLarge as e:
+        raise ValueError(f"wildcard __{name}__: {path} is {e}") from None
+    except OSError as e:
+        raise ValueError(f"wildcard __{name}__: {path} cannot be read ({e.strerror or e})") from None
+    values = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not values:
         raise ValueError(f"wildcard __{name}__: {path} holds no values (blank lines and # comments are skipped)")
