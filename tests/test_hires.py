@@ -102,6 +102,22 @@ def test_pixel_hires_equals_img2img_of_the_upscaled_first_pass_image(pipe):
     assert_within_one_level(hires.image, again.image)
 
 
+@pytest.mark.parametrize("upscaler", ["lanczos", "nearest", "none", "tiny-rrdb-x2"])
+@pytest.mark.parametrize(("side", "scale"), [(40, 1.3), (24, 1.5), (56, 1.1)])
+def test_pixel_upscalers_render_any_scale_on_a_vae_of_another_factor(pipe, side, scale, upscaler):
+    """int(side * scale) with a remainder of 4..7 past whole 8-pixel cells (52 for 40 x 1.3) was
+    encoded whole by the demo's 4x VAE, 13 cells against the target's 12: every image failed at
+    render although validate passed. SD's 8x VAE floors to whole cells by itself."""
+    from sdbatch.addons.library import Folders, Library
+    from sdbatch.plan import recipe_addons
+
+    library = Library(Folders.of(upscalers=TINY_UPSCALER.parent))
+    recipe = hires_recipe(size=(side, side), hires_scale=scale, hires_upscaler=upscaler, steps=2, hires_steps=2)
+    result = pipe.render([Request(recipe, addons=recipe_addons(library, recipe))])[0]
+    assert result.ok, result.error
+    assert result.image.size == recipe.output_size == (int(side * scale) // 8 * 8,) * 2
+
+
 def test_a_batch_of_hires_images_equals_each_rendered_alone(pipe):
     recipes = [hires_recipe(seed=s, prompt=p) for s, p in ((1, "a red circle"), (2, "a green square"))]
     together = pipe.render([Request(r) for r in recipes])

@@ -421,7 +421,7 @@ class Pipeline:
             pixels = torch.cat([image_tensor(image, *size) for image in big]).to(self.device)
 
             def given(own: Callable[[], torch.Tensor]) -> torch.Tensor:
-                return self._encode(pixels, own, goal.crop)
+                return self._encode(pixels, own, goal.crop, keep=goal.cells)
 
         # A1111 counts the second pass's prompt editing on from the first pass's model calls
         base = first.steps * _calls_per_step(first)
@@ -538,12 +538,22 @@ class Pipeline:
         return start.inpaint(plan, draw, encode, images, masks, first.steps, first.strength, own, begin_at)
 
     def _encode(
-        self, images: torch.Tensor, draw: Callable[[], torch.Tensor], crop: tuple[int, int] = (0, 0)
+        self,
+        images: torch.Tensor,
+        draw: Callable[[], torch.Tensor],
+        crop: tuple[int, int] = (0, 0),
+        keep: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Scaled latents sampled from the VAE posterior, one draw per image from its generator;
-        `crop`: pixels cropped off the posterior first, centred (`_crop`)."""
+        """Scaled latents sampled from the VAE posterior, one draw per image from its generator.
+        `keep` (w, h pixels): the posterior's first cells covering that much, so an image of A1111's
+        unrounded size (665 px) gives the latents of its whole 8-pixel cells (664) whatever the
+        VAE's factor (SD's 8 floors there by itself; a 4x VAE would keep 665 // 4 = 166 cells of 4
+        where 664 makes 166, but 52 px -> 13 where 48 makes 12); then `crop`, centred (`_crop`)."""
         with self._on_device(self.model.vae) as vae:
             mean, logvar = vae.encode(self._layout(images.to(self.dtype)))
+        if keep is not None:
+            h, w = keep[1] // self.latent_factor, keep[0] // self.latent_factor
+            mean, logvar = mean[:, :, :h, :w], logvar[:, :, :h, :w]
         mean, logvar = self._crop(mean, crop), self._crop(logvar, crop)
         sample = mean.float() + (0.5 * logvar.float()).exp() * draw()
         return sample * self.model.config.vae.scale_factor
