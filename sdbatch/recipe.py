@@ -30,7 +30,7 @@ from .output.a1111 import format_infotext, number_text, parse_infotext
 from .prompts import prompt_problem
 from .prompts.networks import LoraTag, lora_tags, name_problem, strip_networks, weight_problem
 from .samplers import A1111_TIMESTEPS, DIFFUSERS_ONLY, SAMPLER_NAMES, SAMPLERS, SCHEDULE_LABELS
-from .text import text_problem
+from .text import printable, text_problem
 
 MAX_SIDE = 8192
 
@@ -162,15 +162,28 @@ class Recipe:
     def problems(self) -> Iterator[tuple[str, str]]:
         """(field, message) for every rule this recipe breaks: each field's own rule, then the rules
         across fields. The only copy of the rules: jobs, rerun and the pipeline all use it."""
+        own = list(self._field_problems())
+        if own:  # the rules across fields assume each value is of its type: a list for a sampler,
+            yield from own  # NaN for a strength (from a damaged file) would break them, not be reported
+            return
         yield from self._own_problems()
         yield from self._hires_problems()
 
-    def _own_problems(self, second_pass: bool = False) -> Iterator[tuple[str, str]]:
-        """The rules of one pass (`second_pass`: hires' second, whose strength rules are its own)."""
+    def _field_problems(self) -> Iterator[tuple[str, str]]:
+        """Each field's own rule; a rule that cannot even look at the value (a list where a name
+        belongs: unhashable) reports the value as being of the wrong type."""
         for f in fields(self):
-            message = RULES[f.name](getattr(self, f.name))
+            value = getattr(self, f.name)
+            try:
+                message = RULES[f.name](value)
+            except (TypeError, ValueError, OverflowError):
+                message = f"not a valid value ({type(value).__name__} {printable(repr(value))[:60]})"
             if message:
                 yield f.name, message
+
+    def _own_problems(self, second_pass: bool = False) -> Iterator[tuple[str, str]]:
+        """The rules of one pass (`second_pass`: hires' second, whose strength rules are its own)."""
+        yield from self._field_problems()
         if self.karras and self.sampler in SAMPLERS and not SAMPLERS[self.sampler].karras:
             yield "karras", f"karras does not apply to {self.sampler} (fixed timesteps)"
         if self.karras and self.schedule not in ("automatic", "karras"):

@@ -10,6 +10,8 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from sdbatch.jobs import AXES, load_job
@@ -214,3 +216,28 @@ def test_a1111_schedule_type_is_ignored_for_its_timestep_samplers_as_a1111_ignor
     r = Recipe.from_a1111(text)
     assert (r.sampler, r.karras, r.schedule) == (sampler.lower(), False, "automatic")
     assert Recipe.from_a1111(text.replace(sampler, "Euler")).karras
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    field=st.sampled_from([f.name for f in fields(Recipe)]),
+    value=JSON_VALUES,
+    hires=st.booleans(),
+)
+def test_any_json_value_in_any_field_is_a_recipe_error_never_a_crash(field, value, hires):
+    """A record from a file (an image's sdbatch chunk, a manifest line) may hold any JSON value in
+    any field: a list for a sampler once raised TypeError (unhashable) and a NaN strength a
+    ValueError in the rules across fields, as tracebacks from inspect and rerun."""
+    record = Recipe(prompt="a", size=(64, 64), **({"hires_scale": 2.0, "strength": 0.5} if hires else {})).to_record()
+    record[field] = value
+    try:
+        Recipe.from_record(record)
+    except RecipeError as e:
+        assert str(e) and "\n" not in str(e)  # one line, said as the CLI says it
