@@ -3,6 +3,7 @@ own task with a stable id and its literal text in the PNG and the manifest; unkn
 wildcards are file:line errors at validate time; resume renders only what is missing."""
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -84,6 +85,52 @@ def test_an_unknown_or_empty_wildcard_is_a_file_line_error(tmp_path, prompt, ani
     with pytest.raises(JobError, match=message) as e:
         load_job(job)
     assert "job.yaml:4: prompt:" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "prompt, make, message",
+    [
+        # a glob and a nested name reach the same files as a direct name, under the same limits
+        ("a __*__", lambda w: (w / "zero.txt").symlink_to("/dev/zero"), "zero.txt is not a regular file"),
+        (
+            "a __animal__",
+            lambda w: ((w / "animal.txt").write_text("cat __zero__\n"), (w / "zero.txt").symlink_to("/dev/zero")),
+            "zero.txt is not a regular file",
+        ),
+        (
+            "a __*__",
+            lambda w: ((w / "big.txt").touch(), os.truncate(w / "big.txt", 20 << 20)),
+            "big.txt is larger than 16 MB",
+        ),
+        ("a __animal__", lambda w: (w / "animal.txt").write_text("cat __ghost__\n"), "unknown wildcard __ghost__"),
+        # no name leads out of the folder
+        (
+            "a __../wild2/*__",
+            lambda w: ((w.parent / "wild2").mkdir(), (w.parent / "wild2" / "x.txt").write_text("x\n")),
+            "matches no file",
+        ),
+        ("a __*__", lambda w: (w / "animal.txt").write_text("# nothing\n"), "holds no values"),
+    ],
+    ids=["glob-to-dev-zero", "nested-to-dev-zero", "glob-to-huge", "nested-unknown", "glob-outside", "glob-all-empty"],
+)
+def test_globs_and_nested_wildcards_meet_the_limits_of_named_ones(tmp_path, prompt, make, message):
+    """`__*__` and a wildcard named inside a wildcard file were read by the library itself: a link
+    to /dev/zero took 19 GB in `validate`, `__../x/*__` read files outside the folder."""
+    job = job_with_wildcards(tmp_path, prompt)
+    make(tmp_path / "wild")
+    with pytest.raises(JobError, match=message) as e:
+        load_job(job)
+    assert "job.yaml:4: prompt:" in str(e.value)
+
+
+def test_globs_and_nested_wildcards_expand_from_the_folder(tmp_path):
+    job = job_with_wildcards(tmp_path, "a __c*__", animals="x\n")
+    (tmp_path / "wild" / "colour.txt").write_text("red\n__shade__\n")
+    (tmp_path / "wild" / "shade.txt").write_text("pale\ndark\n")
+    (tmp_path / "wild" / "sub").mkdir()
+    (tmp_path / "wild" / "sub" / "c.txt").write_text("blue\n")  # sub/c: c* does not match it
+    prompts = sorted(t.recipe.prompt for t in plan_job(load_job(job), tmp_path / "o").tasks)
+    assert prompts == ["a dark", "a pale", "a red"]
 
 
 def test_plain_and_a1111_prompts_pass_through_untouched(tmp_path):
