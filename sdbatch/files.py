@@ -28,13 +28,19 @@ class TooLarge(ValueError):
     """A text file past the limit its reader set (`read_limited`)."""
 
 
-def read_limited(path: str | Path, limit: int) -> bytes:
+def read_limited(path: str | Path, limit: int, head: bool = False) -> bytes:
     """The bytes of a text file someone wrote (a job, a prompt or wildcard file, an infotext), read
     to at most `limit` bytes: never the size the file system reports, which is 0 for /dev/zero, a
-    FIFO or a /proc file, so no such path can fill the memory. TooLarge past the limit; OSError
-    (IsADirectoryError, FileNotFoundError, ...) as open() raises it."""
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
+    FIFO or a /proc file, so no such path can fill the memory, and a FIFO with no writer reads as
+    empty instead of waiting forever. TooLarge past the limit (`head`: the first `limit` bytes,
+    whatever follows); OSError (IsADirectoryError, FileNotFoundError, ...) as open() raises it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO nobody writes to: no wait at open ...
+    try:
+        os.set_blocking(fd, True)  # ... and then end of file at once; a pipe being written is read
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit if head else limit + 1)
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise TooLarge(f"larger than {limit // 2**20} MB" if limit >= 2**20 else f"larger than {limit:,} bytes")
     return data

@@ -35,8 +35,7 @@ def read_infotext(source: Path) -> str:
     """The `parameters` text of a PNG, or a text file's contents (UTF-8)."""
     shown = printable(str(source))
     try:
-        with source.open("rb") as f:
-            head = f.read(8)
+        head = read_limited(source, 8, head=True)
     except OSError as e:
         raise InputError(f"{shown}: cannot read ({e.strerror or e})") from None
     if head.startswith(b"\x89PNG"):

@@ -185,6 +185,14 @@ def test_endless_files_are_read_only_up_to_a_limit(tmp_path, path):
     assert_one_error_line(capped("validate", path), path, "larger than")
 
 
+@pytest.mark.parametrize("command", ["validate", "import"])
+def test_a_fifo_nobody_writes_to_is_read_as_empty_not_waited_on(tmp_path, command):
+    """`validate FIFO` and `import FIFO` waited forever in open() for a writer."""
+    fifo = tmp_path / "job.yaml"
+    os.mkfifo(fifo)
+    assert_one_error_line(capped(command, str(fifo)), str(fifo))
+
+
 def test_a_huge_wildcard_file_is_refused_not_read(tmp_path):
     wildcards = tmp_path / "wildcards"
     wildcards.mkdir()
