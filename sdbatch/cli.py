@@ -39,6 +39,24 @@ out = Console(soft_wrap=True, emoji=False, width=None if sys.stdout.isatty() els
 err = Console(stderr=True, soft_wrap=True, emoji=False)  # :dog: in a prompt stays text
 
 
+def _usage_error(e: "click.ClickException") -> None:
+    """An option or argument the command line gets wrong, in one line like every other error (typer
+    draws a framed usage box of several lines, which logs and scripts read badly); exit 2 as before."""
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None else "sdbatch"
+    err.print("[red]error:[/] ", end="")
+    err.print(printable(f"{where}: {e.format_message()} (see {where} --help)"), markup=False, highlight=False)
+
+
+try:  # typer looks this up when it reports a usage error
+    import click
+    import typer.rich_utils
+
+    typer.rich_utils.rich_format_error = _usage_error
+except (ImportError, AttributeError):  # pragma: no cover - another typer: its own report stays
+    pass
+
+
 @contextmanager
 def _guard() -> Iterator[None]:
     """The one error boundary: bad input, a locked folder or an interrupt becomes one line on
@@ -135,7 +153,7 @@ def validate(job_file: JobArg) -> None:
 def plan(
     job_file: JobArg,
     output: OutputOpt = None,
-    show: Annotated[int, typer.Option(help="How many tasks to list.")] = 20,
+    show: Annotated[int, typer.Option(min=0, help="How many tasks to list.")] = 20,
     explain_prompt: Annotated[
         bool,
         typer.Option(

@@ -40,7 +40,8 @@ from .output.manifest import (
 from .output.png import png_bytes
 from .output.sheets import JOB_RECORD, SHEETS, make_sheets
 from .plan import RANDOMS, JobPlan, ModelInfo, check_job_addons, plan_job
-from .render import auto_batch_size, inline_executor, make_executor
+from .render import auto_batch_size, inline_executor, make_executor, parse_devices
+from .render.devices import device_counts
 
 WRITERS = 4  # threads encoding and writing PNGs
 WRITE_BACKLOG = 256  # images rendered but not yet written, at most
@@ -163,6 +164,9 @@ def run_job(job: Job, options: Options, reporter: Reporter, render: Callable | N
         raise InputError(f"--shard {options.shard[0]}/{options.shard[1]}: i must be in 0..n-1")
     model = ModelInfo.of(job.model, job.vae)  # a bad model is bad input: say so before creating anything
     check_job_addons(job, model)  # so are LoRA and embedding files
+    if render is None:  # and the devices (their syntax; a GPU that is not there, without a dry run)
+        devices = options.device if options.device != "auto" else job.devices
+        (device_counts if options.dry_run else parse_devices)(devices)
     if options.dry_run:
         plan = plan_job(job, folder, shard=options.shard, model=model)
         summary = _summary(plan, dry_run=True)

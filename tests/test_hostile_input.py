@@ -588,7 +588,26 @@ def test_sheets_on_damaged_records(rendered, tmp_path, damage):
 def test_devices_are_capped_and_checked(tmp_path, devices, expected):
     job = job_file(tmp_path, "prompt: p\nsteps: 1\noutput: out\n")
     assert_one_error_line(sdbatch("run", str(job), "--devices", devices), "--devices", expected)
-    assert not list(tmp_path.rglob("*.png"))
+    assert not (tmp_path / "out").exists()  # refused before the output folder, its lock and job.json
+    assert_one_error_line(sdbatch("run", str(job), "--devices", devices, "--dry-run"), "--devices", expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "JOB", "--batch-size", "0"], "--batch-size"),
+        (["run", "JOB", "--vae-tile", "3"], "--vae-tile"),
+        (["run", "JOB", "--no-such-option"], "--no-such-option"),
+        (["plan", "JOB", "--show", "-5"], "--show"),
+        (["run"], "Missing argument"),
+        (["no-such-command"], "no-such-command"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_too(tmp_path, args, expected):
+    """typer's framed usage box took several lines; scripts and logs get one, as for a bad job."""
+    job = job_file(tmp_path, "prompt: p\nsteps: 1\noutput: out\n")
+    assert_one_error_line(sdbatch(*[str(job) if a == "JOB" else a for a in args]), expected)
+    assert not (tmp_path / "out").exists()
 
 
 def test_parse_devices_in_process():
