@@ -190,6 +190,9 @@ def test_missing_skip_renders_only_the_images_that_have_a_mask(tmp_path):
         ("{folder: masks, missing: full}", "32", 6, "init_image: d.png is 48x32, which does not have the aspect"),
         ("{folder: masks, missing: full}", "{width: 30}", 8, "size: width: must be .* a multiple of 8"),
         ("{folder: masks, missing: full}", "{depth: 8}", 8, "size: write size from the image as"),
+        # said twice in one run: the run's key was ignored, whatever its value
+        ("{folder: masks, missing: full}\nmask_missing: bogus", "from_image", 8, "mask_missing: and the mask's"),
+        ("{folder: masks, missing: full}\nmask_missing: skip", "from_image", 8, "mask_missing: and the mask's"),
     ],
 )
 def test_unpaired_images_bad_keys_and_other_shapes_are_refused_with_their_line(tmp_path, mask, size, where, message):
@@ -344,6 +347,15 @@ def test_mask_missing_in_defaults_applies_to_the_runs_with_a_mask_folder_and_yie
     assert (a.missing, c.missing, d.missing) == ("skip", "full", "full") and b is None
     path.write_text("defaults:\n  mask_missing: skip\nruns:\n  - prompt: a\n")
     with pytest.raises(JobError, match=r"job.yaml:2: defaults.mask_missing: no run has a mask folder"):
+        load_job(path)
+
+
+@pytest.mark.parametrize("key", ["hires: {scale: 2, denoise: 0.5}", "mask_missing: skip"])
+def test_a_block_key_at_top_level_beside_runs_is_refused_not_ignored(tmp_path, key):
+    """Like any parameter at top level beside a runs: list (it belongs under defaults:)."""
+    path = tmp_path / "job.yaml"
+    path.write_text(f"{key}\nruns:\n  - prompt: a\n")
+    with pytest.raises(JobError, match=r"job.yaml:1: (hires|mask_missing): parameters at top level and a runs"):
         load_job(path)
 
 

@@ -475,8 +475,11 @@ def _mask_missing(check: _Checker, block: LineDict, defaults: LineDict, prefix: 
             check.problem(line, label, "applies to a mask folder (mask: {folder: masks/}) only")
         return block, defaults
     own = {k: v for k, v in mask.items() if k not in ("missing", "mask_missing")}
+    if len(own) < len(mask) and (holder is block) == in_run:  # said twice at one level: which one?
+        check.problem(line, label, "and the mask's missing: both given; give it once")
+        return block, defaults
     if len(own) < len(mask) and not (in_run and holder is defaults):
-        return block, defaults  # the mask mapping says it itself (a run's mapping wins over defaults)
+        return block, defaults  # the run's mask mapping says it itself (it wins over defaults)
     folded = LineDict({**own, "mask_missing": value})
     folded.line, folded.lines = mask.line, {**mask.lines, "mask_missing": line}
     holder["mask"] = folded  # holder is a copy made by _without
@@ -527,7 +530,7 @@ def _run_blocks(check: _Checker, data: LineDict) -> list[tuple[Any, int]]:
     """(block, line) of every run: the `runs:` list, or the job itself when it has none."""
     if "runs" not in data:
         return [(data, data.line)]
-    top_params = [k for k in data if k in PARAMS]
+    top_params = [k for k in data if k in PARAMS or k in BLOCK_KEYS]
     if top_params:
         check.problem(
             data.lines[top_params[0]],
