@@ -23,7 +23,7 @@ from .output.manifest import run_lock
 from .output.names import file_name
 from .output.png import read_png_text
 from .output.sheets import make_sheets
-from .plan import RANDOMS, ModelInfo, plan_job
+from .plan import RANDOMS, job_model, plan_job
 from .recipe import FIELDS
 from .rerun import rerun_image
 from .runner import Options, run_job
@@ -138,7 +138,7 @@ def validate(job_file: JobArg) -> None:
 
     with _guard():
         job = load_job(job_file)
-        model = ModelInfo.of(job.model, job.vae)
+        model = job_model(job)
         check_model_files(model.path, model.vae)  # both headers, kinds, configs and key shapes; no weights read
         images = job.check(model.size, model.cfg)  # the rules again, at the model's own size
         check_job_addons(job, model)  # LoRA and embedding files: found, hashed, headers checked

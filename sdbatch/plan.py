@@ -15,6 +15,7 @@ from PIL import Image
 
 from .addons.library import AddonError, Addons, Folders, Library, check_addons, flat
 from .checkpoints import model_hash, model_sha256, open_model, resolve_model
+from .errors import InputError
 from .files import inside, read_record
 from .hires import builtin
 from .images import image_sha256
@@ -25,6 +26,7 @@ from .models.configs import SDConfig
 from .output.manifest import finished, read_manifests, whole_png
 from .output.names import file_name
 from .recipe import DEFAULTS, Recipe
+from .text import printable
 
 RANDOMS = "randoms.json"  # the draws of `seed: random`, kept so that a resumed run uses the same seeds
 
@@ -84,6 +86,16 @@ class ModelInfo:
 
     def a1111(self) -> dict[str, str]:
         return {"Model hash": self.hash, "Model": self.name}
+
+
+def job_model(job: Job) -> ModelInfo:
+    """The job's model, or InputError saying where in the job file it was named (the checkpoint's
+    own message says what is wrong with it)."""
+    try:
+        return ModelInfo.of(job.model, job.vae)
+    except InputError as e:
+        line = f":{job.model_line}" if job.model_line else ""
+        raise InputError(f"{printable(str(job.file))}{line}: model: {e}") from None
 
 
 @dataclass
@@ -222,7 +234,7 @@ def plan_job(
     """Expand the job against its model and what its output folder already holds (reads only).
     With `shard=(i, n)` the plan keeps the tasks whose index is i modulo n; names and ids are
     those of the whole job, so the shards of one job fill one folder without clashing."""
-    model = model or ModelInfo.of(job.model, job.vae)
+    model = model or job_model(job)
     folder = Path(output) if output is not None else job.output
     recorded = randoms if randoms is not None else read_record(folder / RANDOMS)
     randoms = draw_randoms(job.random_slots(), recorded, str(folder / RANDOMS))

@@ -39,7 +39,7 @@ from .output.manifest import (
 )
 from .output.png import png_bytes
 from .output.sheets import JOB_RECORD, SHEETS, make_sheets
-from .plan import RANDOMS, JobPlan, ModelInfo, check_job_addons, plan_job
+from .plan import RANDOMS, JobPlan, ModelInfo, check_job_addons, job_model, plan_job
 from .render import auto_batch_size, inline_executor, make_executor, parse_devices
 from .render.devices import device_counts
 
@@ -162,7 +162,7 @@ def run_job(job: Job, options: Options, reporter: Reporter, render: Callable | N
     folder = Path(options.output) if options.output is not None else job.output
     if options.shard is not None and not (0 <= options.shard[0] < options.shard[1]):
         raise InputError(f"--shard {options.shard[0]}/{options.shard[1]}: i must be in 0..n-1")
-    model = ModelInfo.of(job.model, job.vae)  # a bad model is bad input: say so before creating anything
+    model = job_model(job)  # a bad model is bad input: say so before creating anything
     check_job_addons(job, model)  # so are LoRA and embedding files
     if render is None:  # and the devices (their syntax; a GPU that is not there, without a dry run)
         devices = options.device if options.device != "auto" else job.devices

@@ -140,6 +140,10 @@ JOB_CASES: dict[str, tuple[Case, tuple[str, ...]]] = {
     "model-path-too-long": (validate("prompt: p\nmodel: " + "m" * 5000 + "\n"), ("job.yaml:2: model:", "longer")),
     "model-name-too-long": (validate("prompt: p\nmodel: " + "m" * 300 + "\n"), ("not found",)),
     "vae-name-too-long": (validate("prompt: p\nvae: " + "v" * 300 + "\n"), ("job.yaml:2: vae:", "does not exist")),
+    # before: the model's own message without the job file's line
+    "model-not-found": (validate("prompt: p\nmodel: nope\n"), ("job.yaml:2: model:", "not found")),
+    # before: accepted by validate, refused by run
+    "output-is-a-file": (validate("prompt: p\noutput: job.yaml\n"), ("job.yaml:2: output:", "is a file")),
 }
 
 

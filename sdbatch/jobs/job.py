@@ -160,6 +160,7 @@ class Job:
     embedding_folder: Path | None = None
     upscaler_folder: Path | None = None  # hires fix's upscaler models, before weights/upscalers
     notes: list[str] = field(default_factory=list)  # said by validate and run: files a folder skipped
+    model_line: int = 0  # where `model:` is (0: not given, the demo model)
 
     def random_slots(self) -> dict[str, int]:
         """`run<i>.seed` (and `run<i>.prompt`, `run<i>.negative`) -> how many draws that run needs."""
@@ -410,6 +411,8 @@ def _job_settings(check: _Checker, data: LineDict, file: Path) -> Job:
         model = str((file.parent / model).resolve())
     output_text = check.text_key(data, "output", None)
     output = (file.parent / output_text).resolve() if output_text else Path("outputs") / name
+    if output_text and output.exists() and not output.is_dir():
+        check.problem(data.lines["output"], "output", f"{output} is a file, not a folder")
     devices = str(check.text_key(data, "devices", "auto"))
     try:
         device_counts(devices)
@@ -424,7 +427,9 @@ def _job_settings(check: _Checker, data: LineDict, file: Path) -> Job:
     filename = check.text_key(data, "filename", DEFAULT_TEMPLATE) or DEFAULT_TEMPLATE
     _check_filename(check, filename, data.lines.get("filename", 0))
     sheet = _sheet(check, data.get("sheet"), data.lines.get("sheet", 0))
-    return Job(file, name, model, vae, output, filename, devices, [], sheet, **folders)
+    job = Job(file, name, model, vae, output, filename, devices, [], sheet, **folders)
+    job.model_line = data.lines.get("model", 0)
+    return job
 
 
 def _folder(check: _Checker, data: LineDict, key: str) -> Path | None:
