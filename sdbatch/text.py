@@ -20,8 +20,10 @@ def text_problem(text: str, multiline: bool = False) -> str | None:
         return f"holds a lone surrogate \\u{code:04x}, which is not a character (text decoded wrongly?)"
     if code == 0:
         return "holds a NUL character (\\x00)"
-    if m[0] in "\n\r":
+    if m[0] in "\n\r" and not multiline:
         return "holds a line break; it must be one line"
+    if m[0] == "\r":  # prompts may hold line breaks, written \n: A1111's infotext splits lines there
+        return "holds a carriage return (\\r); write a line break as \\n"
     return f"holds the control character U+{code:04X}; remove it"
 
 

@@ -251,6 +251,7 @@ def test_a_denoise_sweep_renders_six_images_a_sheet_and_a1111_infotext(tmp_path)
     [
         ("{scale: 0}", "hires.scale: 0.0 is out of range"),
         ("{resize: 1000x1001}", "hires.resize: 1000x1001: each side must be a multiple of 8"),
+        ("{resize: 0x64}", "hires.resize: got the number 100: YAML reads an unquoted 0x64 as hexadecimal"),
         ("{scale: 2, upscaler: no-such-upscaler}", "upscaler 'no-such-upscaler' not found"),
         ("{scale: 2, resize: 64x64}", "give hires a scale or a resize, not both"),
         ("{scale: 2, sampler: ddim, schedule: exponential}", "hires.schedule: second pass"),

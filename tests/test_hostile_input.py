@@ -132,6 +132,11 @@ JOB_CASES: dict[str, tuple[Case, tuple[str, ...]]] = {
     "escaped-nul-in-prompt": (validate('prompt: "a\\0b"\n'), ("job.yaml:1: prompt:", "NUL")),
     "escape-sequence-in-prompt": (validate('prompt: "\\e[31mred"\n'), ("job.yaml:1: prompt:", "U+001B")),
     "newline-in-name": (validate('name: "a\\nb"\nprompt: p\n'), ("job.yaml:1: name:", "line break")),
+    "carriage-return-in-prompt": (validate('prompt: "a\\rb"\n'), ("job.yaml:1: prompt:", "carriage return")),
+    "huge-value-echoed-in-part": (
+        validate("prompt: p\nsampler: " + "a" * 5000 + "\n"),
+        ("job.yaml:2: sampler:", "more characters"),
+    ),
     "long-name": (validate("name: " + "n" * 300 + "\nprompt: p\n"), ("job.yaml:1: name:", "longer than")),
     "devices-in-job": (validate("prompt: p\ndevices: cpu*99999999999\n"), ("job.yaml:2: devices:", "64")),
     "devices-unicode-digit": (validate("prompt: p\ndevices: 'cpu*²'\n"), ("job.yaml:2: devices:",)),

@@ -439,6 +439,10 @@ def _hires_size(item: Any, ctx: Context) -> list:
         return [(int(m[1]), int(m[2]))]
     if isinstance(item, list) and len(item) == 2 and all(is_int(v) for v in item):
         return [(item[0], item[1])]
+    if is_int(item) and item > 0:  # `resize: 0x64` unquoted: YAML reads a hexadecimal number (100)
+        raise ValueError(
+            f"got the number {item}: YAML reads an unquoted {hex(item)} as hexadecimal; write '{hex(item)}'"
+        )
     raise ValueError(f"must be [width, height] or '1024x768' (a side 0 keeps the aspect), got {show(item)}")
 
 

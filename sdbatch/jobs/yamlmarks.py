@@ -18,6 +18,8 @@ MAX_DEPTH = 64  # a job nests 5 or 6 levels (runs -> run -> prompt -> {file: ...
 MAX_NODES = 2_000_000  # expanded (aliases counted as often as they are used); 100,000 values per axis
 MAX_CHARS = 64 * 2**20  # characters of text, expanded the same way
 
+MAX_MESSAGE = 800  # characters of one problem's message
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -29,7 +31,10 @@ class Problem:
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
         field = self.field if len(self.field) <= 60 else self.field[:59] + "…"
-        return f"{where}: {field}: {self.message}" if field else f"{where}: {self.message}"
+        message = self.message  # a 5,000-digit number or name from the file is echoed in part
+        if len(message) > MAX_MESSAGE:
+            message = f"{message[: MAX_MESSAGE - 40]}… ({len(message) - MAX_MESSAGE + 40:,} more characters)"
+        return f"{where}: {field}: {message}" if field else f"{where}: {message}"
 
 
 class JobError(InputError):
