@@ -354,13 +354,13 @@ def inspect(image: Annotated[Path, typer.Argument(help="A PNG written by sdbatch
 @app.command()
 def rerun(
     image: Annotated[Path, typer.Argument(help="A PNG written by sdbatch (or A1111, with --model).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the new image.")] = Path("outputs/rerun"),
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for the new image.")] = "outputs/rerun",
     model: Annotated[str | None, typer.Option(help="Model to use (default: the one the image names).")] = None,
     devices: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1.")] = "auto",
 ) -> None:
     """Render an image again from the recipe it carries, into another folder, under the same name."""
     with _guard():
-        path = rerun_image(image, output, model=model, device=devices)
+        path = rerun_image(image, _output(output), model=model, device=devices)
     _say(f"wrote {path}")
 
 

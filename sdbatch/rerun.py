@@ -8,8 +8,9 @@ from typing import Any
 
 from . import __version__
 from .addons.library import Addons, Folders, check_addons
+from .checkpoints import model_sha256, resolve_model
 from .errors import InputError
-from .files import content_sha256, write_atomic
+from .files import content_sha256, prepare_folder, write_atomic
 from .images import image_sha256, open_image
 from .jobs import Task
 from .output.a1111 import parse_infotext
@@ -85,7 +86,7 @@ def rerun_image(image: Path, output: Path, model: str | None = None, device: str
         raise InputError(f"{shown}: its sdbatch metadata is damaged (the model path is not text)")
     if (model or named) is None:
         raise InputError(f"{shown}: the metadata names no model file; pass --model")
-    info = ModelInfo.of(model or named)
+    info = ModelInfo.of(model or _recorded_model(meta.get("model", {}), named, shown))
     for key in ("init_image", "mask"):
         value = getattr(recipe, key)
         if value is not None and not Path(value).is_file():
@@ -93,6 +94,8 @@ def rerun_image(image: Path, output: Path, model: str | None = None, device: str
         if value is not None:
             open_image(value, f"{shown}: its {key} {printable(value)}")  # damaged or a bomb: refused before rendering
             _check_source(meta, key, value, shown)
+    if output.exists() and not output.is_dir():  # said before rendering, not after
+        raise InputError(f"output folder {printable(str(output))}: exists and is not a folder")
     target = output / image.name
     if target.resolve() == image.resolve():
         raise InputError(f"{printable(str(target))} is the image itself; choose another --output")
@@ -115,9 +118,31 @@ def rerun_image(image: Path, output: Path, model: str | None = None, device: str
         if sources:
             meta["task"]["sources"] = {k: {"path": getattr(recipe, k), "sha256": sha} for k, sha in sources}
         text["sdbatch"] = json.dumps(meta, ensure_ascii=False)
-    output.mkdir(parents=True, exist_ok=True)
+    prepare_folder(output)
     write_atomic(target, png_bytes(picture, text))
     return target
+
+
+def _found(model: str) -> bool:
+    try:
+        resolve_model(model)
+    except InputError:
+        return False
+    return True
+
+
+def _recorded_model(record: dict[str, Any], path: str, shown: str) -> str:
+    """The model an image names: its recorded path, else (moved, another machine) the model of its
+    recorded name in the weights folders when that file's sha256 is the recorded one."""
+    if _found(path):
+        return path
+    name, sha256 = record.get("name"), record.get("sha256")
+    if isinstance(name, str) and isinstance(sha256, str) and _found(name):
+        found = resolve_model(name)
+        if model_sha256(found) == sha256:
+            return str(found)
+        raise InputError(f"{shown}: its model {printable(path)} is gone, and {found} is another file; pass --model")
+    return path  # not found: resolve_model says where it looked
 
 
 def _check_source(meta: dict[str, Any], key: str, path: str, shown: str) -> None:

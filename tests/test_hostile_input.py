@@ -543,6 +543,36 @@ def copy_of(rendered: Path, tmp: Path) -> Path:
     return tmp / "job"
 
 
+@pytest.mark.parametrize(("output", "expected"), [("", "empty path"), ("afile", "is not a folder")])
+def test_rerun_refuses_a_bad_output_before_rendering(rendered, tmp_path, monkeypatch, output, expected):
+    """-o '' wrote into the current folder; -o FILE rendered, then failed with a raw errno text."""
+    image = next((rendered / "out").glob("*.png"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    assert_one_error_line(sdbatch("rerun", str(image), "-o", output), expected)
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_rerun_finds_a_moved_model_by_its_recorded_name_and_sha256(rendered, tmp_path, monkeypatch):
+    """Images recorded the model's path as found (weights/demo/... relative to where the run was),
+    so rerun from any other folder failed; now the path is absolute, and a path that is gone is
+    looked up by the recorded name, used only if its sha256 is the recorded one."""
+    image = next((rendered / "out").glob("*.png"))
+    with Image.open(image) as im:
+        text = dict(im.text)
+        meta = json.loads(text["sdbatch"])
+        pixels = im.convert("RGB")
+    assert Path(meta["model"]["path"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    for sha256, expected in ((meta["model"]["sha256"], 0), ("0" * 64, 2)):
+        meta["model"] |= {"path": "old/place/model.safetensors", "sha256": sha256}
+        moved = tmp_path / f"moved-{expected}.png"
+        moved.write_bytes(png_bytes(pixels, {**text, "sdbatch": json.dumps(meta)}))
+        result = sdbatch("rerun", str(moved), "-o", str(tmp_path / f"again-{expected}"))
+        assert result.returncode == expected, result.stderr
+    assert "another file" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("randoms", "expected"),
     [

@@ -40,6 +40,8 @@ def _exists(path: Path) -> bool:
 
 
 def _model_file(path: Path) -> Path:
+    """The file a found path stands for, absolute: images and manifests record it, and a relative
+    one (weights/demo/...) named nothing once `rerun` ran from another folder."""
     if path.is_dir() and not is_diffusers_folder(path) and (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    return path
+        path = path / "model.safetensors"
+    return path.absolute()
