@@ -379,11 +379,7 @@ def import_(
     from .importer import import_job
 
     with _guard():
-        text, warnings = import_job(source, lenient)
-        if output is not None:
-            from .files import write_atomic
-
-            write_atomic(output, text.encode())
+        text, warnings = import_job(source, lenient, output)
     for warning in warnings:
         print(printable(f"warning: {warning}"), file=sys.stderr)
     if output is None:

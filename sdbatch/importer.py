@@ -3,11 +3,15 @@
 Every key of the infotext is mapped onto a recipe field through `recipe.A1111_KEYS` (the same table
 `rerun` reads), the model is found in the weights folders by A1111's `Model hash` (the 10-digit sha256
 prefix, or the 8-digit hash of A1111 before 1.0), and the prompt's LoRAs and embeddings are checked
-against `Lora hashes` / `TI hashes`. A key sdbatch cannot reproduce (Hires fix, ADetailer, ControlNet,
-an unknown sampler) is an error naming every such key; with `lenient` each is written into the job
-as a comment and returned as a warning instead. Never silently dropped.
+against `Lora hashes` / `TI hashes`. A key sdbatch cannot reproduce (ADetailer, ControlNet, an unknown
+sampler) is an error naming every such key; with `lenient` each key sdbatch does not know (an
+extension's) is written into the job as a comment and returned as a warning instead. Never silently
+dropped, and never the picture's own values: a prompt, size, seed, steps, CFG scale, sampler or
+denoising strength (CORE_FIELDS) that cannot be reproduced is an error even with `lenient`.
 
-The job is then the user's to edit into a sweep (`seed: 1-8`, `cfg: 5-9`...).
+The job holds every value the infotext gives (a value left out would take the model's default, the
+demo's 32x32 say), its model by absolute path (or a shipped one by name), so that it renders the same
+from any folder. It is then the user's to edit into a sweep (`seed: 1-8`, `cfg: 5-9`...).
 """
 
 import hashlib
@@ -16,19 +20,36 @@ from typing import Any
 
 import yaml
 
-from .checkpoints import SHIPPED_WEIGHTS, model_hash, weights_dir
+from .checkpoints import SHIPPED_WEIGHTS, CheckpointError, model_hash, resolve_model, weights_dir
 from .errors import InputError
-from .files import TooLarge, read_limited
+from .files import TooLarge, read_limited, write_atomic
 from .jobs.job import HIRES_KEYS
 from .jobs.wildcards import has_syntax
 from .output.a1111 import parse_infotext
 from .output.png import read_png_text
-from .recipe import DEFAULTS, FIELDS, Recipe, a1111_values
+from .prompts.networks import lora_tags
+from .recipe import DEFAULTS, FIELDS, Recipe, RecipeError, a1111_values
 from .text import printable
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 HIRES_FIELDS = {field: key for key, field in HIRES_KEYS.items()}  # hires_scale -> scale, strength -> denoise
 MAX_TEXT = 1 << 20  # bytes of a parameters text file
+# the picture's own fields, which --lenient never sets back to their default (nor leaves out their keys)
+CORE_FIELDS = {"prompt", "negative", "size", "sampler", "karras", "schedule", "steps", "cfg", "seed", "strength"}
+CORE_FIELDS |= {"hires_scale", "hires_size", "hires_steps", "hires_sampler", "hires_schedule", "hires_cfg"}
+CORE_FIELDS |= {"hires_prompt", "hires_negative"}
+LENIENT = (
+    " (--lenient leaves out only what extensions add, ADetailer, ControlNet...; never the prompt, size, seed, "
+    "steps, CFG scale, sampler or denoising strength)"
+)
+PROMPTS = {
+    "prompt": "prompt",
+    "negative": "negative prompt",
+    "hires_prompt": "Hires prompt",
+    "hires_negative": "Hires negative prompt",
+}
+# always written, even at sdbatch's default: a job leaves size and cfg to the model (the demo's 32x32, cfg 4)
+WRITTEN = ("prompt", "negative", "compat", "rng", "size", "sampler", "steps", "cfg", "seed")
 
 
 def read_infotext(source: Path) -> str:
@@ -53,29 +74,34 @@ def read_infotext(source: Path) -> str:
         raise InputError(f"{shown}: neither a PNG nor UTF-8 text") from None
 
 
-def import_job(source: Path, lenient: bool = False) -> tuple[str, list[str]]:
-    """(the job file's YAML text, warnings). InputError naming everything that cannot be reproduced
-    (unless `lenient`: then each is a warning and a comment in the job)."""
+def import_job(source: Path, lenient: bool = False, output: Path | None = None) -> tuple[str, list[str]]:
+    """(the job file's YAML text, warnings); with `output`, the job is written there too (checked
+    first, before any model is hashed). InputError naming everything that cannot be reproduced (with
+    `lenient`, an extension's key is a warning and a comment in the job instead)."""
     shown = printable(str(source))
+    if output is not None:
+        check_output(output)
     text = read_infotext(source)
-    values = a1111_values(text, where=f"{shown}: ", lenient=lenient)
+    tail = LENIENT if lenient else ""
+    try:
+        values = a1111_values(text, where=f"{shown}: ", lenient=lenient)
+    except RecipeError as e:  # with lenient: a value that does not parse, or no Steps, Size...
+        raise RecipeError(f"{e}{tail}") from None
     dropped: dict[str, Any] = dict(values.pop("unreproduced", {}))
     hires = values.get("hires_scale") is not None or values.get("hires_size") is not None
-    if any(k.startswith("Hires") for k in dropped) and values.get("strength") is not None and not hires:
-        dropped["Denoising strength"] = values.pop("strength")  # the hires pass's, not an img2img's
-    notes: list[str] = []
+    unhired = [k for k in dropped if k.startswith("Hires") or k == "First pass size"]
+    if unhired and values.get("strength") is not None and not hires:  # the hires pass's denoise
+        raise InputError(
+            f"{shown}: Denoising strength is that of a hires fix sdbatch cannot reproduce ({', '.join(unhired)}){tail}"
+        )
     if values.get("strength") is not None and not hires:
-        message = "an img2img image: its parameters do not name its init image (set init_image in the job)"
-        if not lenient:
-            raise InputError(f"{shown}: {message}")
-        dropped["Denoising strength"] = values.pop("strength")
-        notes.append(message)
-    for name in ("prompt", "negative"):
-        if has_syntax(values.get(name, "")):
-            message = f"the {name} holds {{a|b}} or __name__, which a job file expands as variants or wildcards"
-            if not lenient:
-                raise InputError(f"{shown}: {message}")
-            notes.append(message)
+        message = "an img2img image: its parameters do not name its init image (give it in a job: init_image)"
+        raise InputError(f"{shown}: {message}{tail}")
+    for name, what in PROMPTS.items():
+        if has_syntax(values.get(name) or ""):
+            expands = "which a job file expands as variants or wildcards"
+            raise InputError(f"{shown}: the {what} holds {{a|b}} or __name__, {expands}{tail}")
+    notes: list[str] = []
     recipe = _recipe(values, shown, lenient, notes)
     _, _, pairs = parse_infotext(text)
     model, model_note = find_model(str(pairs.get("Model hash", "")), str(pairs.get("Model", "")))
@@ -88,20 +114,64 @@ def import_job(source: Path, lenient: bool = False) -> tuple[str, list[str]]:
     if dropped and not lenient:
         raise InputError(f"{shown}: sdbatch cannot reproduce these A1111 fields yet: {', '.join(dropped)}")
     warnings = [f"not reproduced: {k}: {v}" for k, v in dropped.items()] + notes
-    return _yaml(source, recipe, model or str(pairs.get("Model", "")) or "demo", warnings), warnings
+    name = _model_entry(Path(model)) if model is not None else str(pairs.get("Model", "")) or "demo"
+    job = _yaml(source, recipe, set(values), name, warnings)
+    if output is not None:
+        write_job(output, job)
+    return job, warnings
+
+
+def check_output(output: Path) -> None:
+    """InputError, in one line, unless `output` can name a job file to write: a file name (not a
+    folder) in a folder that exists."""
+    shown = printable(str(output))
+    if output.name in ("", ".", ".."):  # -o "" is Path("."), a folder
+        raise InputError(f"-o {shown!r}: name the job file to write, e.g. -o job.yaml")
+    if output.is_dir():
+        raise InputError(f"{shown}: is a folder; name the job file to write in it, e.g. {shown}/job.yaml")
+    if not output.parent.is_dir():
+        raise InputError(f"{shown}: cannot write there: the folder {printable(str(output.parent))} does not exist")
+
+
+def write_job(output: Path, text: str) -> None:
+    """Write the job atomically; an OSError is one line naming `output` (never the temp file)."""
+    check_output(output)
+    try:
+        write_atomic(output, text.encode())
+    except OSError as e:
+        raise InputError(f"{printable(str(output))}: cannot write ({e.strerror or type(e).__name__})") from None
 
 
 def _recipe(values: dict[str, Any], shown: str, lenient: bool, notes: list[str]) -> Recipe:
-    """The recipe of the values; with `lenient`, a field that breaks a rule (DDIM under A1111's
-    conventions, say) goes back to its default, with a note saying so."""
+    """The recipe of the values; with `lenient`, a field outside CORE_FIELDS that breaks a rule (an
+    upscaler sdbatch cannot run, say) goes back to its default, with a note saying so."""
     while True:
         problems = list(Recipe(**values).problems())
         if not problems or not lenient:
             return Recipe(**values).check(f"{shown}: ")
         field, message = problems[0]
-        if field not in values:
-            return Recipe(**values).check(f"{shown}: ")  # a default breaks it: nothing to drop
+        if field not in values or field in CORE_FIELDS:
+            try:
+                return Recipe(**values).check(f"{shown}: ")
+            except RecipeError as e:
+                raise RecipeError(f"{e}{LENIENT}") from None
         notes.append(f"{field} {values.pop(field)!r} left at its default {DEFAULTS[field]!r}: {message}")
+
+
+def _model_entry(path: Path) -> str:
+    """The job's `model:`: a shipped model by its name (`demo`), any other by its absolute path (a
+    relative one would be read relative to the job file, or the working folder, wherever it is)."""
+    absolute = path.absolute()
+    try:
+        inside = absolute.resolve().relative_to(SHIPPED_WEIGHTS.resolve())
+    except ValueError:
+        return str(absolute)
+    name = str(inside.parent if inside.name == "model.safetensors" else inside.with_suffix(""))
+    try:
+        same = resolve_model(name).resolve() == absolute.resolve()  # not shadowed in the weights folder
+    except (CheckpointError, OSError):
+        same = False
+    return name if same else str(absolute)
 
 
 def find_model(short: str, name: str) -> tuple[str | None, str | None]:
@@ -137,30 +207,53 @@ def _a1111_hash(path: Path, length: int) -> str:
 
 
 def _check_addons(recipe: Recipe, text: str, shown: str, model: str, lenient: bool) -> list[str]:
+    """Notes: a `Lora hashes` / `TI hashes` name no prompt uses (A1111 and Forge can list networks of an
+    earlier image: stale hashes) is a note and is not checked; every other is: a file missing, or
+    one that is not the file the image was made with, is an error (a note with `lenient`)."""
     from .plan import ModelInfo
     from .rerun import addon_hashes, find_addons
 
+    hashes = addon_hashes(text)
+    notes = []
+    for kind, listed in hashes.items():
+        for name in [n for n in listed if not _used(recipe, kind, n)]:
+            key = "Lora hashes" if kind == "lora" else "TI hashes"
+            notes.append(f"{key} names {name!r}, which no prompt uses (a stale hash A1111 keeps): not checked")
+            del listed[name]
     try:
-        find_addons(recipe, {}, addon_hashes(text), shown, False, ModelInfo.of(model))
+        find_addons(recipe, {}, hashes, shown, False, ModelInfo.of(model))
     except InputError as e:
+        message = str(e).removeprefix(f"{shown}: ")  # a file not found says so without the source's name
         if not lenient:
-            raise
-        return [str(e).removeprefix(f"{shown}: ")]
-    return []
+            raise InputError(f"{shown}: {message}") from None
+        notes.append(message)
+    return notes
 
 
-def _yaml(source: Path, recipe: Recipe, model: str, warnings: list[str]) -> str:
-    """The job: name, model, then every field that is not at its default (prompt always); hires
-    fix's fields in a `hires:` block, its denoise among them."""
+def _used(recipe: Recipe, kind: str, name: str) -> bool:
+    """Whether a prompt names the LoRA (its tag, as A1111 writes the name: without `:` and `,`) or
+    the embedding (its name in any prompt; A1111 matches it by tokens, which ignore case)."""
+    prompts = [recipe.prompt, recipe.negative, recipe.hires_prompt or "", recipe.hires_negative or ""]
+    if kind == "lora":
+        tags = [t.name for p in (prompts[0], prompts[2]) for t in lora_tags(p)] + [n for n, _, _ in recipe.lora]
+        return name in {t.replace(":", "").replace(",", "") for t in tags}
+    return any(name.lower() in p.lower() for p in prompts)
+
+
+def _yaml(source: Path, recipe: Recipe, given: set[str], model: str, warnings: list[str]) -> str:
+    """The job: name, model, then every field the infotext gives, or that is not at its default
+    (WRITTEN always); hires fix's fields in a `hires:` block, its denoise among them."""
     job: dict[str, Any] = {"name": _name(source), "model": model}
     hires: dict[str, Any] = {}
     for field in FIELDS:
         value = getattr(recipe, field)
         shown = list(value) if isinstance(value, tuple) else value
+        written = field in given or field in WRITTEN or value != DEFAULTS[field]
         key = HIRES_FIELDS.get(field)
-        if recipe.hires and key is not None and (value != DEFAULTS[field] or field == "strength"):
-            hires[key] = shown
-        elif field in ("prompt", "negative", "compat", "rng") or value != DEFAULTS[field]:
+        if recipe.hires and key is not None:
+            if written or field == "strength":
+                hires[key] = shown
+        elif written:
             job[field] = shown
     if hires:
         job["hires"] = hires

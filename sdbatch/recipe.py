@@ -361,10 +361,13 @@ class Recipe:
 
 def a1111_values(text: str, where: str = "", lenient: bool = False) -> dict[str, Any]:
     """Recipe field values from an A1111 infotext, through `A1111_KEYS`; RecipeError naming every
-    key that would change the picture and has no field yet, or a value that does not parse. With
-    `lenient`, such keys are left out instead and listed under the key "unreproduced" (key: value)."""
+    key that would change the picture and has no field yet, or a value that does not parse (a number
+    that is not finite among them). With `lenient`, such keys (an extension's) are left out instead
+    and listed under the key "unreproduced" (key: value); a value that does not parse is still refused."""
     prompt, negative, pairs = parse_infotext(text)
     values: dict[str, Any] = {"prompt": prompt, "negative": negative}
+    a1111 = not str(pairs.get("Version", "")).startswith("sdbatch")  # A1111's own text: its conventions
+    pairs = {k: v for k, v in pairs.items() if str(v).strip() not in A1111_IGNORED_VALUES.get(k, ())}
     unknown = [k for k in pairs if k not in _READERS and k not in A1111_IGNORED and k not in A1111_ADDON_KEYS]
     if unknown and not lenient:
         raise RecipeError(f"{where}sdbatch cannot reproduce these A1111 fields yet: {', '.join(unknown)}")
@@ -372,18 +375,28 @@ def a1111_values(text: str, where: str = "", lenient: bool = False) -> dict[str,
     for required in ("Steps", "Sampler", "CFG scale", "Seed", "Size"):
         if required not in pairs:
             raise RecipeError(f"{where}the A1111 parameters lack {required}")
-    if not str(pairs.get("Version", "")).startswith("sdbatch"):  # A1111's own text: its conventions
+    if a1111:
         values["compat"] = "a1111"
         if "RNG" not in pairs:
             values["rng"] = "a1111"  # A1111 writes no RNG key for its default, the GPU's noise
     for key, raw in pairs.items():
         if key in _READERS:
             try:
-                values |= _READERS[key](raw)
-            except (TypeError, ValueError) as e:
-                if not lenient:
-                    raise RecipeError(f"{where}{key}: {raw!r}: {e}") from None
-                dropped[key] = raw
+                read = _READERS[key](raw)
+                if any(isinstance(v, float) and not math.isfinite(v) for v in read.values()):
+                    raise ValueError("not a finite number")  # float() reads nan, inf, 1e999
+                values |= read
+            except (TypeError, ValueError) as e:  # lenient or not: a known key is never left out
+                raise RecipeError(f"{where}{key}: {raw!r}: {e}") from None
+    # before 1.9 A1111 wrote no Schedule type: a sampler named without " Karras" or " Exponential" used the
+    # model's own sigmas (1.9's "Uniform"), and so did a hires sampler (not the first pass's schedule)
+    if a1111 and "Schedule type" not in pairs:
+        if values.get("sampler") in _UNIFORM_BEFORE_1_9 and not values.get("karras") and "schedule" not in values:
+            values["schedule"] = "uniform"
+        if "hires_sampler" in values:
+            values.setdefault(
+                "hires_schedule", "uniform" if values["hires_sampler"] in _UNIFORM_BEFORE_1_9 else "automatic"
+            )
     # A1111 writes its Schedule type for DDIM, PLMS and UniPC too, and ignores it: they walk its timestep grid;
     # a hires sampler that uses one takes the main one unless Hires schedule type says otherwise
     if values.get("sampler") in A1111_TIMESTEPS:
@@ -640,12 +653,16 @@ def _real_number(value: Any) -> Any:
 
 
 def _read_sampler(text: str) -> dict[str, Any]:
-    karras = text.endswith(" Karras")  # before A1111 1.9 the schedule was part of the sampler's name
-    base = text.removesuffix(" Karras").strip().lower()
+    """Before A1111 1.9 the schedule was part of the sampler's name: `DPM++ 2M Karras`, and since 1.6
+    `DPM++ 2M SDE Exponential` (a name without either used the model's own sigmas: `a1111_values`)."""
+    text = text.strip()
+    suffix = next((s for s in (" Karras", " Exponential") if text.endswith(s)), "")
+    base = text.removesuffix(suffix).strip().lower()
     name = SAMPLER_NAMES.get(base) or SAMPLER_NAMES.get(base.replace(" ", "_"))
     if name is None:
         raise ValueError("has no sdbatch equivalent yet")
-    return {"sampler": name} | ({"karras": True} if karras else {})
+    schedule = {" Karras": {"karras": True}, " Exponential": {"schedule": "exponential"}}.get(suffix, {})
+    return {"sampler": name} | schedule
 
 
 def _read_schedule(text: str) -> dict[str, Any]:
@@ -695,7 +712,8 @@ def _read_hires_size(text: str) -> dict[str, Any]:
 
 def _read_hires_sampler(text: str) -> dict[str, Any]:
     read = _read_sampler(text)
-    return {"hires_sampler": read["sampler"]} | ({"hires_schedule": "karras"} if read.get("karras") else {})
+    schedule = "karras" if read.get("karras") else read.get("schedule")
+    return {"hires_sampler": read["sampler"]} | ({"hires_schedule": schedule} if schedule else {})
 
 
 def _read_hires_schedule(text: str) -> dict[str, Any]:
@@ -737,7 +755,35 @@ A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str,
     "rng": ("RNG", lambda v: None if v == "diffusers" else RNG[v], _read_rng),
 }
 _READERS = {key: read for key, _, read in A1111_KEYS.values()}
-# keys that do not change the pixels (or name the model, which rerun resolves itself)
-A1111_IGNORED = {"Model hash", "Model", "Version", "Template", "Negative Template"}
+# keys that do not change the pixels (or name the model, which rerun resolves itself); `Batch size`/`Batch
+# pos`: since 1.6 A1111 draws every noise from each image's own seed (`Seed` is the image's; before, the
+# per-step noise was drawn per image too: `enable_batch_seeds`); civitai's date, resources and hashes
+A1111_IGNORED = {
+    "Model hash",
+    "Model",
+    "Version",
+    "Template",
+    "Negative Template",
+    "Batch size",
+    "Batch pos",
+    "Created Date",
+    "Hashes",
+    "Civitai resources",
+    "Civitai metadata",
+}
+# keys ignored with these values only (a real value changes the picture and stays refused)
+A1111_IGNORED_VALUES = {
+    "Token merging ratio": ("0", "0.0"),
+    "Token merging ratio hr": ("0", "0.0"),
+    "Hires sampler": ("Use same sampler",),
+    "Hires schedule type": ("Use same scheduler",),
+    "Hires checkpoint": ("Use same checkpoint",),
+    "Hires Module 1": ("Use same choices",),  # Forge: the hires pass keeps the first pass's VAE/text encoders
+}
+# the samplers whose name before A1111 1.9 (without " Karras") meant the model's own sigmas, "Uniform",
+# where 1.9's "Automatic" is Karras or Exponential (samplers.sigmas.AUTOMATIC; torch-free here)
+_UNIFORM_BEFORE_1_9 = frozenset(
+    ("dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_2m", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
+)
 # the add-ons' short hashes: not recipe fields, but rerun checks the files it finds against them
 A1111_ADDON_KEYS = {"Lora hashes", "TI hashes"}
