@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import lru_cache
@@ -27,7 +28,7 @@ from .hires import a1111_name as a1111_upscaler
 from .hires import target as hires_target
 from .images import RESIZE_MODES
 from .output.a1111 import format_infotext, number_text, parse_infotext
-from .prompts import prompt_problem
+from .prompts import old_timeline_differs, prompt_problem
 from .prompts.networks import LoraTag, lora_tags, name_problem, strip_networks, weight_problem
 from .samplers import A1111_TIMESTEPS, DIFFUSERS_ONLY, SAMPLER_NAMES, SAMPLERS, SCHEDULE_LABELS
 from .text import printable, text_problem
@@ -63,6 +64,10 @@ class Recipe:
     karras: bool = param(False, "Karras sigmas instead of the sampler's own schedule (= schedule: karras)")
     schedule: str = param("automatic", "A1111's schedule type: automatic (the sampler's own), uniform, karras, ...")
     compat: str = param("diffusers", "whose conventions: diffusers (its schedulers' timesteps) or a1111 (its sigmas)")
+    downcast_alphas: bool = param(
+        False,
+        "A1111's Downcast alphas_cumprod (its images before v1.7): the noise schedule rounded to fp16, as run then",
+    )
     steps: int = param(30, "sampler steps (img2img runs the last int(steps * strength))")
     strength: float | None = param(
         None, "img2img / inpainting: how much of the schedule is re-run; hires fix: its denoise; else None"
@@ -104,7 +109,7 @@ class Recipe:
         """Recipes with equal keys share every UNet call; prompts, seeds and CFG may differ (the
         LoRAs may not: they are merged into the weights every image of a batch goes through)."""
         noise = (self.rng, self.ensd)  # one noise source per batch
-        plan = (self.steps, self.sampler, self.karras, self.schedule, self.compat)
+        plan = (self.steps, self.sampler, self.karras, self.schedule, self.compat, self.downcast_alphas)
         hires = (self.hires_scale, self.hires_size, self.hires_upscaler, self.hires_steps, self.hires_sampler)
         return (*plan, self.size, self.mode, self.strength, self.loras(), noise, *hires, self.hires_schedule)
 
@@ -214,6 +219,11 @@ class Recipe:
         a1111_only = [n for n in ("ensd", "seed_resize_from", "subseed_strength") if getattr(self, n) != DEFAULTS[n]]
         if self.rng == "diffusers" and a1111_only:
             yield a1111_only[0], "follows A1111's noise: set rng: a1111 (or a1111-cpu)"
+        if self.downcast_alphas and not self.a1111_sigmas:
+            yield (
+                "downcast_alphas",
+                f"is A1111's noise schedule: set compat: a1111 (or a k-diffusion sampler, not {self.sampler})",
+            )
         if self.mask is not None and self.init_image is None:
             yield "mask", "a mask needs an init_image to repaint"
         if self.resize is not None and self.init_image is None:
@@ -367,6 +377,14 @@ def a1111_values(text: str, where: str = "", lenient: bool = False) -> dict[str,
     prompt, negative, pairs = parse_infotext(text)
     values: dict[str, Any] = {"prompt": prompt, "negative": negative}
     a1111 = not str(pairs.get("Version", "")).startswith("sdbatch")  # A1111's own text: its conventions
+    if a1111:
+        pairs = _backcompat(pairs, prompt, negative)
+        for key in ("Sampler", "Hires sampler"):  # a schedule in the sampler's name wins (get_sampler_and_scheduler)
+            if str(pairs.get(key, "")).strip().endswith((" Karras", " Exponential")):
+                pairs.pop(key.replace("sampler", "schedule type").replace("Sampler", "Schedule type"), None)
+        for key in ("Seed", "Variation seed"):  # torch's manual_seed and A1111's Philox take a negative
+            if re.fullmatch(r"\s*-\d+\s*", str(pairs.get(key, ""))) and int(pairs[key]) != -1:  # -1: "random"
+                pairs[key] = str(int(pairs[key]) % 2**64)  # seed as its 64-bit two's complement
     pairs = {k: v for k, v in pairs.items() if str(v).strip() not in A1111_IGNORED_VALUES.get(k, ())}
     unknown = [k for k in pairs if k not in _READERS and k not in A1111_IGNORED and k not in A1111_ADDON_KEYS]
     if unknown and not lenient:
@@ -410,6 +428,43 @@ def a1111_values(text: str, where: str = "", lenient: bool = False) -> dict[str,
     if lenient:
         values["unreproduced"] = dropped
     return values
+
+
+def a1111_version(text: str) -> tuple[int, int, int, int, int] | None:
+    """A1111's `Version` as infotext_versions.parse_version reads it (the text up to its second '-',
+    then a version): v1.7.0-225-g1234 -> (1, 7, 0, 1, 225), 1.8.0-RC -> (1, 8, 0, -1, 0); None
+    for what it cannot read (Forge's f0.0.17v1.8.0rc-..., classic, neo), as A1111 gives None."""
+    cut = re.match(r"([^-]+-[^-]+)-.*", text.strip())
+    text = cut.group(1) if cut else text.strip()
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?(?:[-.]?(rc|RC|post)?(\d*))?", text)
+    if m is None:
+        return None
+    major, minor, patch, tag, number = m.groups()
+    kind = -1 if tag in ("rc", "RC") else 1 if (tag == "post" or number) else 0
+    return int(major), int(minor), int(patch or 0), kind, int(number or 0)
+
+
+def _backcompat(pairs: dict[str, str], prompt: str, negative: str) -> dict[str, str]:
+    """The options A1111 turns on for a text of an older version (infotext_versions.backcompat, which
+    it runs when it reads an infotext): as keys, so that each is reproduced, or refused by name where
+    it would change this picture and sdbatch does not follow it."""
+    version = a1111_version(str(pairs.get("Version", "")))
+    if version is None:
+        return pairs
+    pairs = dict(pairs)
+    texts = [prompt, negative, str(pairs.get("Hires prompt", "")), str(pairs.get("Hires negative prompt", ""))]
+    hires = "Hires upscale" in pairs or "Hires resize" in pairs
+    old = version < (1, 6, 0, 0, 0)
+    implied = f" (A1111 implies it for Version {str(pairs['Version']).strip()})"
+    edits_change = "[" in prompt and any(old_timeline_differs(t, hires) for t in texts)
+    if old and edits_change and "Old prompt editing timelines" not in pairs:
+        pairs["Old prompt editing timelines" + implied] = "True"
+    ddim = str(pairs.get("Sampler", "")).strip() in ("DDIM", "PLMS")
+    if old and ddim and "Pad conds v0" not in pairs:
+        pairs["Pad conds v0" + implied] = "True"  # the uncond cut or padded to the cond's length
+    if version < (1, 7, 0, 1, 225):
+        pairs.setdefault("Downcast alphas_cumprod", "True")
+    return pairs
 
 
 # the hires fix's fields; the second pass's fields -> the hires field that sets them (for messages)
@@ -596,6 +651,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "karras": _flag,
     "schedule": _choice(SCHEDULE_LABELS, "schedule type"),
     "compat": _choice(("diffusers", "a1111"), "compat"),
+    "downcast_alphas": _flag,
     "steps": _whole(1, 1000, "from 1 to 1000"),
     "strength": _strength,
     "cfg": _real(0.0, 100.0, "from 0 to 100"),
@@ -683,6 +739,17 @@ def _read_whole(name: str) -> Callable[[str], dict[str, Any]]:
     return lambda text: {name: int(text)}  # int("1e3") fails: no float rounding of seeds
 
 
+def _read_true(name: str) -> Callable[[str], dict[str, Any]]:
+    """A1111's options written as `True` / `False` (Python's bool)."""
+
+    def read(text: str) -> dict[str, Any]:
+        if text.strip() not in ("True", "False"):
+            raise ValueError("must be True or False")
+        return {name: text.strip() == "True"}
+
+    return read
+
+
 def _read_real(name: str) -> Callable[[str], dict[str, Any]]:
     return lambda text: {name: float(text)}
 
@@ -728,6 +795,7 @@ A1111_KEYS: dict[str, tuple[str, Callable[[Any], Any], Callable[[str], dict[str,
     "schedule": ("Schedule type", lambda v: None if v == "automatic" else SCHEDULE_LABELS[v], _read_schedule),
     # not an A1111 key: written when a1111, so that sdbatch reads its own text back (A1111 ignores it)
     "compat": ("Compat", lambda v: None if v == "diffusers" else v, lambda text: {"compat": text.strip().lower()}),
+    "downcast_alphas": ("Downcast alphas_cumprod", lambda v: True if v else None, _read_true("downcast_alphas")),
     "cfg": ("CFG scale", number_text, _read_real("cfg")),
     "seed": ("Seed", lambda v: v, _read_whole("seed")),
     "size": ("Size", lambda v: f"{v[0]}x{v[1]}", _read_size),

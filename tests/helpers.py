@@ -1,5 +1,7 @@
 """Independent implementations (diffusers / transformers) of one of our configs, for parity tests."""
 
+import os
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -16,6 +18,13 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdbatch.models import SDConfig
+
+# The device of the pipeline/parity tests: `SDBATCH_TEST_DEVICE=cuda pytest tests/test_pipeline.py
+# tests/test_half_precision.py` runs them on a GPU (bench/gpu_check.py does, on a lent one); the CPU
+# is the default, and CI's only device.
+TEST_DEVICE = torch.device(os.environ.get("SDBATCH_TEST_DEVICE", "cpu"))
+# the half type those tests render in: float16 where a GPU runs it, bfloat16 (fast) on the CPU
+TEST_HALF = torch.float16 if TEST_DEVICE.type == "cuda" else torch.bfloat16
 
 BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 

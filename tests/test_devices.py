@@ -182,3 +182,18 @@ def test_device_lists(text, expected):
 def test_bad_device_lists(text):
     with pytest.raises(InputError, match="--devices"):
         parse_devices(text)
+
+
+@pytest.mark.slow
+def test_the_gpu_sessions_check_script_runs_on_the_cpu(tmp_path):
+    """bench/gpu_check.py is what a GPU session runs in its few minutes: its CPU smoke mode runs the
+    checks a CPU can (the others say SKIP), so the script cannot rot between GPU sessions."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert done.returncode == 0, done.stdout + done.stderr
+    statuses = {line.split()[1].rstrip(":"): line.split()[0] for line in report.splitlines()}
+    assert statuses["renders"] == statuses["worker"] == statuses["env"] == "PASS", report
+    assert statuses["randn"] == statuses["oom_backoff"] == "SKIP", report

@@ -1,7 +1,8 @@
 """Every rendering feature in half precision, on the CPU: what a GPU runs (fp16 on CUDA) minus the
 device. A tensor made in float32 beside a half model (a mask, a noise draw, an upscaler's output,
 a LoRA delta, an embedding) raises a dtype error at the first CUDA run; here it fails on any
-machine. Each feature renders in bfloat16 (fast on CPUs) and must stay close to its float32 render:
+machine. Each feature renders in bfloat16 (fast on CPUs; float16 with SDBATCH_TEST_DEVICE=cuda, as a GPU
+runs it) and must stay close to its float32 render:
 the oracle is our own float32 path, which the parity tests pin to diffusers/k-diffusion/A1111."""
 
 from dataclasses import replace
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TEST_DEVICE, TEST_HALF
 from PIL import Image
 
 from sdbatch.addons.library import Folders, Library
@@ -61,7 +63,7 @@ def library() -> Library:
 
 @pytest.fixture(scope="module")
 def pipes() -> dict[torch.dtype, Pipeline]:
-    return {dtype: Pipeline.from_file("demo", dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    return {dtype: Pipeline.from_file("demo", device=TEST_DEVICE, dtype=dtype) for dtype in (torch.float32, TEST_HALF)}
 
 
 def render(pipe: Pipeline, library: Library, recipe: Recipe) -> np.ndarray:
@@ -77,16 +79,16 @@ def render(pipe: Pipeline, library: Library, recipe: Recipe) -> np.ndarray:
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
-def test_each_feature_renders_in_bfloat16_close_to_float32(pipes, library, feature):
+def test_each_feature_renders_in_half_precision_close_to_float32(pipes, library, feature):
     """Close means: much closer to the float32 image than the float32 image of the next seed is, and
     the same picture (pixel correlation). Measured on the demo model: bf16 stays within 0.3x the
     next seed's distance and correlates >= 0.95."""
     recipe = replace(BASE, **FEATURES[feature])
     full = render(pipes[torch.float32], library, recipe)
-    half = render(pipes[torch.bfloat16], library, recipe)
+    half = render(pipes[TEST_HALF], library, recipe)
     other = render(pipes[torch.float32], library, replace(recipe, seed=recipe.seed + 1))
     assert half.shape == full.shape
     error, spread = np.abs(half - full).mean(), np.abs(other - full).mean()
     assert error < 0.5 * spread, (error, spread)
     assert np.corrcoef(half.ravel(), full.ravel())[0, 1] > 0.93
-    assert {p.dtype for p in pipes[torch.bfloat16].model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipes[TEST_HALF].model.parameters()} == {TEST_HALF}

@@ -294,12 +294,14 @@ def pipe():
     return Pipeline.from_file("demo")
 
 
-def oracle_sigmas(schedule: str, steps: int, discard: bool) -> torch.Tensor:
+def oracle_sigmas(schedule: str, steps: int, discard: bool, downcast: bool = False) -> torch.Tensor:
     """A1111's `KDiffusionSampler.get_sigmas` over k-diffusion's `CompVisDenoiser` of SD 1.x's
-    alphas_cumprod: the model's own sigmas (no scheduler option), or Karras / Exponential."""
+    alphas_cumprod: the model's own sigmas (no scheduler option), or Karras / Exponential. With
+    `downcast`, the alphas in fp16, as A1111 before v1.7.0-225 held them (k-diffusion then computes
+    its sigmas and log sigmas in fp16)."""
     from test_kdiffusion import ALPHAS, kd
 
-    denoiser = kd.external.DiscreteEpsDDPMDenoiser(None, ALPHAS, quantize=False)
+    denoiser = kd.external.DiscreteEpsDDPMDenoiser(None, ALPHAS.half() if downcast else ALPHAS, quantize=False)
     n = steps + 1 if discard else steps
     lo, hi = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
     if schedule == "uniform":
@@ -340,14 +342,14 @@ def assert_same_sigmas(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def test_a_sampler_named_before_1_9_without_karras_walks_the_models_own_sigmas(pipe, tmp_path, name):
     recipe = recipe_of(tmp_path, infotext(", Version: v1.6.0", sampler=name))
     _, plan = pipe._plan(recipe)
-    assert_same_sigmas(plan.sigmas, oracle_sigmas("uniform", 9, PLAIN[name]))
+    assert_same_sigmas(plan.sigmas, oracle_sigmas("uniform", 9, PLAIN[name], downcast=True))
 
 
 @pytest.mark.parametrize(("name", "schedule", "discard"), SUFFIXED, ids=[s[0] for s in SUFFIXED])
 def test_a_karras_or_exponential_name_before_1_9_walks_that_schedule(pipe, tmp_path, name, schedule, discard):
     recipe = recipe_of(tmp_path, infotext(", Version: v1.7.0", sampler=name))
     _, plan = pipe._plan(recipe)
-    assert_same_sigmas(plan.sigmas, oracle_sigmas(schedule, 9, discard))
+    assert_same_sigmas(plan.sigmas, oracle_sigmas(schedule, 9, discard, downcast=True))
 
 
 def test_since_1_9_automatic_is_the_samplers_own_choice(pipe, tmp_path):
@@ -376,14 +378,86 @@ def test_a_hires_sampler_before_1_9_walks_its_own_sigmas_not_the_first_passs(
 ):
     text = infotext(f"{HIRES}, Hires sampler: {hires_sampler}, Version: v1.6.0", sampler="DPM++ 2M Karras")
     recipe = recipe_of(tmp_path, text)
-    assert_same_sigmas(pipe._plan(recipe)[1].sigmas, oracle_sigmas("karras", 9, False))
-    assert_same_sigmas(pipe._plan(recipe.second_pass())[1].sigmas, oracle_sigmas(schedule, 6, discard))
+    assert_same_sigmas(pipe._plan(recipe)[1].sigmas, oracle_sigmas("karras", 9, False, downcast=True))
+    second = pipe._plan(recipe.second_pass())[1].sigmas
+    assert_same_sigmas(second, oracle_sigmas(schedule, 6, discard, downcast=True))
 
 
 def test_a_hires_sampler_since_1_9_keeps_the_schedule_type_it_does_not_override(pipe, tmp_path):
     text = infotext(f"{HIRES}, Schedule type: Karras, Hires sampler: Euler, Version: v1.10.1", sampler="DPM++ 2M")
     recipe = recipe_of(tmp_path, text)
     assert_same_sigmas(pipe._plan(recipe.second_pass())[1].sigmas, oracle_sigmas("karras", 6, False))
+
+
+@pytest.mark.parametrize(
+    ("version", "downcast"),
+    [
+        ("v1.6.0", True),
+        ("v1.7.0", True),
+        ("v1.7.0-RC-5-g1234567", True),
+        ("v1.7.0-224-g1234567", True),
+        ("v1.7.0-225-g1234567", False),  # A1111's v170_tsnr: from here its alphas stay fp32
+        ("v1.10.1", False),
+        ("f2.0.1v1.10.1-previous-669-gdfdcbab6", False),  # A1111 cannot read it: no backcompat
+        (None, False),  # no Version at all: none either
+    ],
+)
+def test_texts_before_1_7_render_with_the_fp16_alphas_a1111_used_then(pipe, tmp_path, version, downcast):
+    tail = "" if version is None else f", Version: {version}"
+    recipe = recipe_of(tmp_path, infotext(tail, sampler="DPM++ 2M Karras"))
+    assert recipe.downcast_alphas is downcast
+    assert_same_sigmas(pipe._plan(recipe)[1].sigmas, oracle_sigmas("karras", 9, False, downcast=downcast))
+    # the schedule really differs: sigma_min 0.0313 against 0.0292
+    assert not torch.allclose(oracle_sigmas("karras", 9, False, True), oracle_sigmas("karras", 9, False, False))
+
+
+def test_downcast_alphas_written_by_a1111_is_read_and_written_back(tmp_path):
+    recipe = recipe_of(tmp_path, infotext(", Downcast alphas_cumprod: True, Version: v1.10.1", sampler="Euler"))
+    assert recipe.downcast_alphas
+    assert "Downcast alphas_cumprod: True" in recipe.to_a1111({"hash": "0", "name": "demo"}, "sdbatch")
+    with pytest.raises(InputError, match="must be True or False"):
+        imported(tmp_path, infotext(", Downcast alphas_cumprod: yes"))
+
+
+@pytest.mark.parametrize(
+    ("tail", "refused"),
+    [
+        (", Version: v1.5.2", None),  # an edit at a fraction below 1: both timelines agree
+        (", Version: v1.5.2, Sampler: x", None),
+        (HIRES + ", Version: v1.5.2", "Old prompt editing timelines"),  # hires: the second pass differs
+        (", Version: v1.6.0" + HIRES, None),  # 1.6 on: the new timeline
+    ],
+)
+def test_the_old_prompt_editing_timeline_is_refused_where_it_changes_the_picture(tmp_path, tail, refused):
+    text = infotext(tail.replace(", Sampler: x", ""), prompt="a [red:blue:0.5] circle, [small]")
+    if refused is None:
+        imported(tmp_path, text)
+    else:
+        with pytest.raises(InputError, match=f"{refused} \\(A1111 implies it for Version v1.5.2\\)"):
+            imported(tmp_path, text)
+    with pytest.raises(InputError, match="Old prompt editing timelines"):  # a step written 2.0: step 2, not 2*9
+        imported(tmp_path, infotext(", Version: v1.5.2", prompt="a [red:blue:2.0] circle"))
+    imported(tmp_path, infotext(", Version: v1.5.2", prompt="a [red:blue:2] circle, [[small]]"))
+
+
+def test_ddim_before_1_6_is_refused_for_its_pad_conds_v0(tmp_path):
+    with pytest.raises(InputError, match=r"Pad conds v0 \(A1111 implies it for Version v1.5.1\)"):
+        imported(tmp_path, infotext(", Version: v1.5.1", sampler="DDIM"))
+    imported(tmp_path, infotext(", Version: v1.6.0", sampler="DDIM"))
+
+
+def test_a_schedule_in_the_sampler_name_wins_over_schedule_type(tmp_path):
+    recipe = recipe_of(
+        tmp_path, infotext(", Schedule type: Karras, Version: v1.10.1", sampler="DPM++ 2M SDE Exponential")
+    )
+    assert (recipe.schedule, recipe.karras) == ("exponential", False)
+
+
+def test_a_negative_seed_is_its_64_bit_twos_complement_and_minus_1_is_refused(tmp_path):
+    recipe = recipe_of(tmp_path, infotext().replace("Seed: 7", "Seed: -353763303"))
+    assert recipe.seed == 2**64 - 353763303
+    with pytest.raises(InputError, match="seed: -1 is out of range"):  # A1111's "random": no seed is known
+        imported(tmp_path, infotext().replace("Seed: 7", "Seed: -1"))
 
 
 def test_ddim_plms_and_unipc_take_no_schedule_before_1_9_either(tmp_path):

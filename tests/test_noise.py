@@ -1,8 +1,10 @@
 """A1111's noise: CUDA's Philox on the CPU (known answers, and a plain scalar rewrite from the
 specifications that the vectorised code must match bit for bit) and A1111's per-image rules."""
 
+import json
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +15,11 @@ from sdbatch.noise.a1111 import ImageNoise, NoiseGenerator, paste_centred, randn
 
 SHAPE = (4, 8, 8)
 
-# Values seen on a real GPU, to be filled in: {(seed, shape, draw): first values of
-# `torch.randn(shape, device="cuda")` flattened}, where draw counts the calls on a generator made by
-# `g = torch.Generator("cuda").manual_seed(seed)` (0 = the first `torch.randn(shape, generator=g,
-# device="cuda")`). Print them with `.tolist()` for full precision. Keep each shape's element count
-# under the GPU's resident threads (see sdbatch/noise/philox.py), e.g. (4, 64, 64).
-CUDA_RANDN_VECTORS: dict[tuple[int, tuple[int, ...], int], list[float]] = {}
+# Values seen on a real GPU: bench/gpu_check.py writes them on a lent one (its `randn` check) as a
+# list of {seed, shape, draw, values}: the first values of the draw-th `torch.randn(shape,
+# generator=g, device="cuda")` of `g = torch.Generator("cuda").manual_seed(seed)`; copy its
+# cuda_randn.json here. Each shape's element count stays under the GPU's resident threads (philox.py).
+CUDA_RANDN_FILE = Path(__file__).resolve().parent / "data" / "cuda_randn.json"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,12 +126,14 @@ def test_cuda_generator_counts_draws():
 
 
 def test_cuda_randn_vectors_seen_on_a_gpu():
-    """Checks our numbers against CUDA_RANDN_VECTORS, values printed on a real GPU, to within the
-    last-bit differences of the GPU's float32 Box–Muller. While the table is empty this checks
-    nothing GPU-specific: the bit-exact tests above then prove agreement with A1111's NV port only."""
-    for (seed, shape, draw), values in CUDA_RANDN_VECTORS.items():
-        got = philox.cuda_randn(seed, shape, draw).ravel()[: len(values)]
-        np.testing.assert_allclose(got, np.array(values, dtype=np.float32), rtol=1e-5, atol=1e-5)
+    """Our numbers against values printed on a real GPU, to within the last-bit differences of the
+    GPU's float32 Box–Muller. Until a GPU session records them, the bit-exact tests above prove
+    agreement with A1111's NV port only: the skip says so."""
+    if not CUDA_RANDN_FILE.exists():
+        pytest.skip("no torch.randn values recorded on a GPU yet (bench/gpu_check.py writes them; issue 17)")
+    for case in json.loads(CUDA_RANDN_FILE.read_text()):
+        got = philox.cuda_randn(case["seed"], tuple(case["shape"]), case["draw"]).ravel()[: len(case["values"])]
+        np.testing.assert_allclose(got, np.array(case["values"], dtype=np.float32), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------

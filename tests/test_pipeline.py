@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-from helpers import diffusers_scheduler, request
+from helpers import TEST_DEVICE, diffusers_scheduler, request
 from PIL import Image
 from test_models import carried
 
@@ -21,7 +21,7 @@ SEEDS = [3, 1234567, 42]
 
 
 def ours(config: str = "tiny", dtype=torch.float32) -> Pipeline:
-    return Pipeline(make_tiny(config), Tokenizer(bundled_tokenizer(), "bundled"), dtype=dtype)
+    return Pipeline(make_tiny(config), Tokenizer(bundled_tokenizer(), "bundled"), TEST_DEVICE, dtype)
 
 
 def theirs(kind, pipeline: Pipeline, sampler: str):
@@ -35,7 +35,7 @@ def theirs(kind, pipeline: Pipeline, sampler: str):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    )
+    ).to(TEST_DEVICE)
 
 
 def pixels(images: list[Image.Image]) -> np.ndarray:
@@ -217,7 +217,7 @@ def test_inpainting_with_a_normal_model_keeps_the_known_latents():
         # the known latents: the VAE's sample of the init image with the request's first draw
         g = torch.Generator().manual_seed(8)
         with torch.no_grad():
-            mean, logvar = pipe.model.vae.encode(image_tensor(init, W, H))
+            mean, logvar = (t.cpu() for t in pipe.model.vae.encode(image_tensor(init, W, H).to(TEST_DEVICE)))
             known = (mean + (0.5 * logvar).exp() * torch.randn((1, 4, H // 8, W // 8), generator=g)) * 0.18215
         keep = torch.nn.functional.interpolate(mask_tensor(mask, W, H), size=(H // 8, W // 8)) < 0.5
         outside = result.latents[None][keep.expand(1, 4, -1, -1)]
@@ -245,7 +245,7 @@ def test_long_prompt_is_encoded_whole_not_cut():
     embedding = pipe.encode_prompt(words)
     assert embedding.shape == (1, 77 * count, 32)
     with torch.no_grad():
-        assert torch.equal(embedding[0, 77:154], pipe.model.text_encoder(windows[1:2])[0])
+        assert torch.equal(embedding[0, 77:154], pipe.model.text_encoder(windows[1:2].to(TEST_DEVICE))[0])
     short = pipe.encode_prompt("a cat")
     assert short.shape == (1, 77, 32)
     assert pipe.encode_prompt("a cat") is short  # cached
@@ -355,6 +355,31 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(monkeypatch):
     assert result.ok
     assert calls == [torch.bfloat16, torch.float32]
     assert next(vae.parameters()).dtype == torch.bfloat16  # given back its dtype
+
+
+def test_the_fp32_vae_fallback_keeps_the_tiles_and_the_vae_batch(monkeypatch):
+    """A half decode that overflows is decoded again in fp32 the way the first try was: in tiles (a
+    big picture is tiled on every device, and an untiled fallback would give another picture, or run
+    out of memory) and vae_batch images at a time, never the whole batch at once."""
+    from sdbatch.pipeline import Tuning
+
+    tuning = Tuning(vae_tile=4, vae_batch=1)
+    pipe = Pipeline(make_tiny(), Tokenizer(bundled_tokenizer(), "bundled"), TEST_DEVICE, torch.bfloat16, tuning)
+    vae = pipe.model.vae
+    decode = vae.decode
+    calls = []
+
+    def overflowing(z):
+        calls.append((z.dtype, tuple(z.shape)))
+        out = decode(z)
+        return out if z.dtype == torch.float32 else torch.full_like(out, float("inf"))
+
+    monkeypatch.setattr(vae, "decode", overflowing)
+    requests = [request("a cat", seed=s, steps=2, width=W, height=H) for s in (1, 2)]
+    assert all(r.ok for r in pipe.render(requests))
+    fallback = [shape for dtype, shape in calls if dtype == torch.float32]
+    assert fallback and len(fallback) == len([c for c in calls if c[0] == torch.bfloat16])
+    assert all(shape[0] == 1 and max(shape[2:]) < max(H, W) // 8 for shape in fallback), fallback
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

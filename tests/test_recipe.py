@@ -59,6 +59,7 @@ CASES = {
     "seed_resize_from": ({"rng": "a1111", "seed_resize_from": [48, 32]}, (48, 32)),
     "subseed_strength": ({"rng": "a1111", "subseed": 7, "subseed_strength": 0.25}, 0.25),
     "subseed": ({"rng": "a1111", "subseed": 7, "subseed_strength": 0.25}, 7),
+    "downcast_alphas": ({"compat": "a1111", "downcast_alphas": True}, True),
     "seed": ({"seed": "12345678901234567"}, 12345678901234567),  # as text: must stay exact
 }
 FIELDS = [f.name for f in fields(Recipe)]

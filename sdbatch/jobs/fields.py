@@ -478,6 +478,7 @@ PARSERS: dict[str, Callable[[Any, Context], list]] = {
     "karras": _flag,
     "schedule": _word,
     "compat": _word,
+    "downcast_alphas": _flag,
     "steps": _numbers(True),
     "strength": _numbers(False),
     "cfg": _numbers(False),

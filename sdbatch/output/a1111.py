@@ -50,10 +50,14 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
         if line.startswith("Negative prompt:"):
             in_negative = True
             line = line[len("Negative prompt:") :].strip()
-        (negative if in_negative else prompt).append(line)
+        part = negative if in_negative else prompt
+        if part or line:  # A1111 adds a line break only after some text: leading empty lines vanish
+            part.append(line)
     pairs = {}
     for key, value in _PAIR.findall(last):
         value = value.strip()
+        if not value:  # A1111 skips a key with no value (its v[0] raises): `Schedule type: ,` is no key
+            continue
         if len(value) > 1 and value[0] == '"' and value[-1] == '"':
             with contextlib.suppress(json.JSONDecodeError):  # A1111 keeps such a value as written
                 value = json.loads(value)

@@ -162,7 +162,7 @@ class Pipeline:
         self.compile_seconds: dict[tuple, float] = {}  # batch shape -> first call (compile) time
         self.tokenizer = tokenizer
         self.schedule = NoiseSchedule()  # diffusers' (float32), for the samplers planned as diffusers plans
-        self.ldm_schedule = NoiseSchedule.compvis()  # the checkpoints' own, for those planned as A1111
+        self._ldm = {False: NoiseSchedule.compvis(), True: NoiseSchedule.compvis_fp16()}  # by downcast_alphas
         self.latent_factor = 2 ** (len(model.config.vae.ch_mult) - 1)
         self.inpainting_model = model.config.unet.in_channels == 9
         self._prompts: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -356,7 +356,7 @@ class Pipeline:
         if first.a1111_sigmas and first.sampler in A1111_TIMESTEPS and img2img:
             # A1111's DDIM/PLMS/UniPC: a plan made for the img2img run, noised one grid point above it
             fixed = first.steps if given is not None else None
-            plan = timestep_plan(self.ldm_schedule, first.sampler, first.steps, first.strength, fixed)
+            plan = timestep_plan(self._ldm[first.downcast_alphas], first.sampler, first.steps, first.strength, fixed)
             begin_at = 0
         shape = (4, first.height // self.latent_factor, first.width // self.latent_factor)
         gens = [torch.Generator().manual_seed(r.seed) for r in recipes]
@@ -477,13 +477,14 @@ class Pipeline:
         sampler = get_sampler(recipe.sampler)
         if not recipe.a1111_sigmas:
             return self.schedule, sampler.plan(self.schedule, recipe.steps, recipe.karras)
+        ldm = self._ldm[recipe.downcast_alphas]  # the checkpoints' own schedule (fp16 as A1111 ran it before 1.7)
         if recipe.sampler in A1111_TIMESTEPS:  # DDIM, PLMS, UniPC on A1111's grid (txt2img; img2img: _sample)
-            return self.ldm_schedule, timestep_plan(self.ldm_schedule, recipe.sampler, recipe.steps)
+            return ldm, timestep_plan(ldm, recipe.sampler, recipe.steps)
         kind = "karras" if recipe.karras else recipe.schedule
         if kind == "automatic":
-            return self.ldm_schedule, automatic_plan(self.ldm_schedule, recipe.steps, sampler.a1111)
+            return ldm, automatic_plan(ldm, recipe.steps, sampler.a1111)
         discard = sampler.a1111 in DISCARD_NEXT_TO_LAST
-        return self.ldm_schedule, a1111_plan(self.ldm_schedule, recipe.steps, kind, discard)
+        return ldm, a1111_plan(ldm, recipe.steps, kind, discard)
 
     def _a1111_noise(self, recipes: Sequence[Recipe], shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
         """A1111's noise for the batch (`noise.a1111.ImageNoise`): the first draw is the initial
@@ -596,27 +597,33 @@ class Pipeline:
         return model
 
     def _decode_latents(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents -> images in [-1, 1] (float32), in the VAE's dtype of the moment, vae_batch
+        at a time and in tiles where the size asks for them. The fp32 fallback comes through here
+        too, so that it keeps the tiling (the picture) and the memory bound of the first try."""
+        dtype = next(vae.parameters()).dtype
+
         def decode(part: torch.Tensor) -> torch.Tensor:
-            return vae.decode(self._layout(part.to(self.dtype))).float()
+            return vae.decode(self._layout(part.to(dtype))).float()
 
         f = self.latent_factor
         auto = hires.auto_vae_tile((z.shape[-1] * f, z.shape[-2] * f))
         tile = self.tuning.vae_tile or (auto // f if auto else None)
+        step = self.tuning.vae_batch or len(z)
+        parts = [z[i : i + step] for i in range(0, len(z), step)]
         if tile is None or max(z.shape[-2:]) <= tile:
-            return decode(z)
-        return tiled_decode(decode, z, tile, max(1, tile // 4), self.latent_factor)
+            return torch.cat([decode(part) for part in parts])
+        return torch.cat([tiled_decode(decode, part, tile, max(1, tile // 4), f) for part in parts])
 
     def _decode_images(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1] (float32), vae_batch at a time."""
+        """Scaled latents -> images in [-1, 1] (float32)."""
         z = latents / self.model.config.vae.scale_factor
-        step = self.tuning.vae_batch or len(z)
         with self._on_device(self.model.vae) as vae:
-            images = torch.cat([self._decode_latents(vae, z[i : i + step]) for i in range(0, len(z), step)])
+            images = self._decode_latents(vae, z)
             bad = ~torch.isfinite(images).flatten(1).all(dim=1)
             if bad.any() and self.dtype != torch.float32:
                 # fp16 activations can overflow in the VAE's last up-blocks: decode those in fp32
                 with upcast(vae):
-                    images[bad] = vae.decode(z[bad].float()).float()
+                    images[bad] = self._decode_latents(vae, z[bad])
         return images
 
     def _decode(self, requests: Sequence[Request], latents: torch.Tensor) -> list[Result]:

@@ -432,6 +432,17 @@ def prompt_schedule(text: str, steps: int, base: int | None = None) -> list[tupl
     return [(end, _render(tree, end, steps, base)) for end in sorted(ends)]
 
 
+def old_timeline_differs(text: str, hires: bool) -> bool:
+    """Whether A1111's old prompt-editing timeline (before 1.6; `Old prompt editing timelines`,
+    which A1111 implies for texts of those versions) gives this text another schedule than the
+    new one `prompt_schedule` follows. The old one reads a `when` of 1 or more as a step number
+    even when written with a '.', and a hires fix's second pass walks the first pass's timeline by
+    its own step numbers: with hires fix, every edit changes."""
+    tree = _parse(text)
+    edits = [node for node in _walk(tree) if isinstance(node, _Edit)] if tree is not None else []
+    return any(hires or ("." in node.number and float(node.number) >= 1) for node in edits)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. composable prompts: get_multicond_prompt_list
 

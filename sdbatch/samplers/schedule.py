@@ -45,7 +45,7 @@ class NoiseSchedule:
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, train_steps, dtype=torch.float32) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # float32, t=0..999
-        self.log_sigmas = np.log(self.sigmas)
+        self.log_sigmas = torch.from_numpy(self.sigmas).log().numpy()
         self.train_steps = train_steps
 
     @classmethod
@@ -57,13 +57,26 @@ class NoiseSchedule:
         return cls.from_alphas_cumprod(torch.from_numpy(np.cumprod(1.0 - betas.numpy())).float())
 
     @classmethod
+    def compvis_fp16(cls) -> "NoiseSchedule":
+        """The schedule A1111 ran before v1.7.0-225 (its `Downcast alphas_cumprod`, which it implies
+        for texts of those versions): the fp16 model cast its `alphas_cumprod` buffer too, and
+        k-diffusion's wrapper computed the sigmas and their logs from it in fp16. sigma_min 0.0313
+        instead of 0.0292, so every schedule's last steps differ."""
+        alphas = cls.compvis().alphas_cumprod.half()
+        sigmas = ((1 - alphas) / alphas) ** 0.5  # each op rounded to fp16, as on the GPU
+        schedule = cls.from_alphas_cumprod(alphas.float())
+        schedule.sigmas = sigmas.float().numpy()
+        schedule.log_sigmas = sigmas.log().float().numpy()
+        return schedule
+
+    @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> "NoiseSchedule":
         """A schedule from given cumulative alphas (a checkpoint's own `alphas_cumprod`, say)."""
         schedule = cls.__new__(cls)
         schedule.alphas_cumprod = alphas_cumprod.float().cpu()
         a = schedule.alphas_cumprod
         schedule.sigmas = (((1 - a) / a) ** 0.5).numpy()
-        schedule.log_sigmas = np.log(schedule.sigmas)
+        schedule.log_sigmas = torch.from_numpy(schedule.sigmas).log().numpy()
         schedule.train_steps = len(a)
         return schedule
 
