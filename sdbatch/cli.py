@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, report
-from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, InputError, OutputLocked
+from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, InputError, Interrupts, OutputLocked
 from .jobs import AXES, load_job
 from .output.a1111 import parse_a1111_parameters
 from .output.manifest import run_lock
@@ -63,6 +63,8 @@ def _guard() -> Iterator[None]:
     stderr (user text printed unstyled) and its exit code; anything else is a bug and says so."""
     try:
         yield
+        if Interrupts.deferred:  # a Ctrl-C that landed during an import (errors.on_interrupt)
+            raise KeyboardInterrupt
     except (InputError, OutputLocked, OSError) as e:
         err.print("[red]error:[/] ", end="")
         err.print(printable(str(e)), markup=False, highlight=False)  # a path from argv may hold any bytes

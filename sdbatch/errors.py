@@ -28,9 +28,24 @@ class Interrupts:
     would be lost; the count keeps it, and a run starting after it stops at once (runner)."""
 
     seen = 0
+    deferred = 0  # of those, the ones that landed during an import and raised nothing (on_interrupt)
 
 
 def on_interrupt(signum: int, frame: object) -> None:
-    """SIGINT/SIGTERM -> KeyboardInterrupt, counted in `Interrupts.seen`."""
+    """SIGINT/SIGTERM -> KeyboardInterrupt, counted in `Interrupts.seen`; while a module is being
+    imported, only counted (`Interrupts.deferred`): the run stops when it starts (runner), and any
+    other command exits 130 when its work is done (cli._guard)."""
     Interrupts.seen += 1
+    if _importing():
+        Interrupts.deferred += 1
+        return
     raise KeyboardInterrupt
+
+
+def _importing() -> bool:
+    """Whether some module's import is under way. torch's import runs Python from C++ (pybind11:
+    torch._C's init imports torch.distributed...), and a KeyboardInterrupt raised there cannot be
+    unwound: C++ calls std::terminate and the process dies by SIGABRT (exit 134), not 130."""
+    import sys
+
+    return any(getattr(getattr(m, "__spec__", None), "_initializing", False) for m in list(sys.modules.values()))

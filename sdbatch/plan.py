@@ -264,10 +264,17 @@ def _place(
     for name in base.values():
         counts[name] = counts.get(name, 0) + 1
     taken = {e["file"]: i for i, e in finished_all.items()}
+    # an image a run renamed into place but never recorded (killed in between), under any name: the
+    # job may have been edited since, and its names with it ({index} shifts when seeds are added)
+    orphans = _orphans(folder, set(taken), {t.id for t in tasks if t.id not in done})
+    taken |= {name: task_id for task_id, name in orphans.items()}
     names, found, aside = {}, {}, {}
     for t in tasks:
         if t.id in done:
             names[t.id] = done[t.id]["file"]
+            continue
+        if t.id in orphans:
+            names[t.id] = found[t.id] = orphans[t.id]
             continue
         name = base[t.id] if counts[base[t.id]] == 1 else _with_id(base[t.id], t.id)
         candidates = [c for c in (name, _with_id(name, t.id), _with_id(name, t.id, 64)) if taken.get(c, t.id) == t.id]
@@ -289,9 +296,24 @@ def _with_id(name: str, task_id: str, chars: int = 8) -> str:
     return name if stem.endswith(suffix) else f"{stem}{suffix}.png"
 
 
-def _owner(folder: Path, name: str) -> str | None:
-    """The task id an image on disk carries in its `sdbatch` chunk, when it is a whole PNG that
-    decodes; None for anything else (missing, damaged, foreign, a link)."""
+def _orphans(folder: Path, recorded: set[str], pending: set[str]) -> dict[str, str]:
+    """{task id: file name} of the whole PNGs in the folder that no manifest line records and that
+    carry the id of a task still to render (the first by name where two do)."""
+    if not pending or not folder.is_dir():
+        return {}
+    found: dict[str, str] = {}
+    with os.scandir(folder) as entries:
+        for name in sorted(e.name for e in entries if e.name.endswith(".png") and e.name not in recorded):
+            owner = _owner(folder, name)
+            if owner in pending and owner not in found:
+                found[owner] = name
+    return found
+
+
+def image_record(folder: Path, name: str) -> dict | None:
+    """The task record an image on disk carries in its `sdbatch` chunk (its manifest line as it was
+    rendered), when it is a whole PNG that decodes; None for anything else (missing, damaged,
+    foreign, a link)."""
     path = inside(folder, name)
     if path is None or not whole_png(path):
         return None
@@ -299,7 +321,13 @@ def _owner(folder: Path, name: str) -> str | None:
         with Image.open(path) as im:
             im.load()
             meta = json.loads(im.text.get("sdbatch", "{}"))  # type: ignore[attr-defined]
-        task_id = meta["task"]["id"]
+        record = meta["task"]
     except Exception:
         return None
-    return task_id if isinstance(task_id, str) else None
+    return record if isinstance(record, dict) and isinstance(record.get("id"), str) else None
+
+
+def _owner(folder: Path, name: str) -> str | None:
+    """The task id an image on disk carries (see image_record)."""
+    record = image_record(folder, name)
+    return None if record is None else record["id"]

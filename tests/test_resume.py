@@ -127,6 +127,47 @@ def test_sigkill_between_rename_and_manifest_line_never_renders_twice(tmp_path):
     assert not (out / "aside").exists()  # each orphan was this job's own image: adopted, not moved
 
 
+@pytest.mark.parametrize("template", [None, "{seed}-{prompt}"])
+def test_an_image_renamed_but_not_recorded_is_adopted_after_the_job_is_edited(tmp_path, template):
+    """A kill between an image's rename and its line, then seeds added in front (every {index}, and
+    so every default name, shifts): the orphan under its old name is its task's image, adopted and
+    recorded as it was rendered, never rendered again under the new name (a duplicate)."""
+    filename = f"filename: '{template}'\n" if template else ""
+    job = write_job(tmp_path, f"name: e\n{filename}prompt: [a red circle, a green square]\nseed: 1-2\n")
+    out = tmp_path / "out"
+    assert run(job, out).exit_code == 0
+    job.write_text(job.read_text().replace("seed: 1-2", "seed: 1-4"))
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    marker = tmp_path / "renamed.txt"
+    env = os.environ | {"SDBATCH_TEST_PAUSE_AFTER_RENAME": str(marker)}
+    proc = subprocess.Popen([sys.executable, str(driver), str(job), str(out)], cwd=ROOT, env=env)
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and marker.read_text().strip()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the writer never reached the window"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    orphan = marker.read_text().split()[0]
+    with Image.open(out / orphan) as im:
+        rendered = json.loads(im.text["sdbatch"])["task"]
+    assert orphan not in {e["file"] for e in whole_lines(out)}, "the kill landed in the window"
+    job.write_text(job.read_text().replace("seed: 1-4", "seed: 0-5"))  # every index shifts by one
+    rendered_now = []
+
+    def render(batch):
+        rendered_now.extend(t.id for t in batch)
+        return fake_render(batch)
+
+    options = Options(output=out, batch_size=1)
+    assert run_job(load_job(job), options, Reporter(), render=render).exit_code == 0
+    assert rendered["id"] not in rendered_now, "the orphan's task was rendered again"
+    assert_complete(job, out, strict=False)
+    [line] = [e for e in whole_lines(out) if e["id"] == rendered["id"]]
+    assert line["file"] == orphan
+    assert {k: v for k, v in line.items() if k not in ("model_hash", "bytes")} == rendered, "the line is the image's"
+
+
 def _damage(manifest: Path, how: str, rng: random.Random) -> None:
     data = manifest.read_bytes()
     if how == "truncated":
@@ -396,3 +437,19 @@ def test_a_name_near_the_limit_still_gets_a_temp_file_that_fits(tmp_path, monkey
         write_atomic(tmp_path / name, b"x")
         assert (tmp_path / name).read_bytes() == b"x"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a" * 251 + ".png", "é" * 125 + ".png"])
+
+
+def test_a_sheets_temp_file_left_by_a_killed_run_is_removed(tmp_path, monkeypatch):
+    """A run killed while writing a contact sheet leaves `sheets/.name.png.tmp-<host>-<pid>`; the next
+    run (or `sdbatch sheets`) removes it, as it removes the image temp files of the folder itself."""
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    job, out = write_job(tmp_path, "name: s\nprompt: [a, b]\nseed: 1-2\n"), tmp_path / "out"
+    assert run(job, out).exit_code == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / "sheets" / f".run0.png.tmp-{socket.gethostname()}-{int(dead.stdout)}"
+    stale.write_bytes(b"half a sheet")
+    assert run(job, out).exit_code == 0
+    assert not stale.exists()
+    assert [p.name for p in (out / "sheets").iterdir() if ".tmp-" in p.name] == []

@@ -162,3 +162,33 @@ def test_an_interrupt_python_dropped_in_a_del_still_stops_the_run_before_it_rend
     with pytest.raises(KeyboardInterrupt):
         run_job(load_job(job), Options(), Reporter(), render=lambda batch: rendered.extend(batch) or [])
     assert rendered == [] and not list((tmp_path / "outputs").glob("**/*.png"))
+
+
+def test_an_interrupt_during_an_import_lets_the_import_finish_and_the_command_exits_130(tmp_path, monkeypatch):
+    """A signal landing while a module is imported raises nothing there: torch's import runs Python
+    from C++ (pybind11), where a KeyboardInterrupt cannot unwind and C++ aborts the process (SIGABRT,
+    exit 134: 2 times in 60 SIGINTs during startup). The import finishes; the count stops a run at
+    its start (test above) and makes any other command exit 130 once its work is done."""
+    import typer
+
+    from sdbatch.cli import _guard
+    from sdbatch.errors import Interrupts
+
+    (tmp_path / "slowmod.py").write_text(
+        "import signal\nfrom sdbatch.errors import on_interrupt\n"
+        "on_interrupt(signal.SIGINT, None)  # as if the signal landed here\ndone = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(Interrupts, "seen", 0)
+    monkeypatch.setattr(Interrupts, "deferred", 0)
+    import slowmod
+
+    assert slowmod.done and (Interrupts.seen, Interrupts.deferred) == (1, 1)
+    with pytest.raises(typer.Exit) as e, _guard():
+        pass  # the command's work, done
+    assert e.value.exit_code == 130
+    monkeypatch.setattr(Interrupts, "deferred", 0)
+    with pytest.raises(KeyboardInterrupt):  # outside an import: raised at once, as before
+        from sdbatch.errors import on_interrupt
+
+        on_interrupt(signal.SIGINT, None)

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..files import no_link, read_record, write_atomic
+from ..files import clean_temp_files, no_link, read_record, write_atomic
 from ..prompts.networks import lora_label
 from ..recipe import FIELDS
 from .manifest import finished, read_manifests
@@ -26,6 +26,9 @@ SHEET_MIN_UPSCALE = 128  # small images (the demo's 32 px) are enlarged to this,
 
 def make_sheets(folder: Path, title: str | None = None) -> list[Path]:
     """Contact sheets for every run in the folder's manifests (with the axes its job asked for)."""
+    sheets = folder / SHEETS
+    if sheets.is_dir() and not sheets.is_symlink():
+        clean_temp_files(sheets)  # a sheet's temp file left by a run killed while writing it
     record = _read_record(folder / JOB_RECORD)
     runs = record.get("runs") if isinstance(record.get("runs"), list) else []
     wanted = {r.get("index"): _wanted(r.get("sheet")) for r in runs if isinstance(r, dict)}
