@@ -110,6 +110,28 @@ def test_workers_and_resource_tracker_die_with_a_killed_main_process(tmp_path):
 
 @needs_proc
 @pytest.mark.slow
+def test_workers_killed_with_their_parent_while_they_start_die_at_once(tmp_path):
+    """The main process SIGKILLed the moment its workers exist: they are still starting (unpickling
+    their spec imports torch, seconds), and must not outlive it by that long (seen: 20 s)."""
+    write_job(tmp_path)
+    proc = start(tmp_path, "--devices", "cpu,cpu", "--batch-size", "1")
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := [p for p in children(proc.pid) if "spawn_main" in cmdline(p)]) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "no workers started"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 3
+        while not all(map(gone, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in workers if not gone(pid)] == []
+    finally:
+        kill_group(proc)
+
+
+@needs_proc
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_finishes_the_batches_in_flight_and_exits_130(tmp_path):
     write_job(tmp_path)
     manifest = tmp_path / "outputs" / "w" / "manifest.jsonl"

@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -34,15 +35,20 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _worker(spec: ModelSpec, inbox, outbox: Connection, worker: int, parent: int, pdeathsig: bool) -> None:
-    """A worker process: build the pipeline once, then render what the main process sends."""
+def _worker(packed: bytes, inbox, outbox: Connection, worker: int, parent: int, pdeathsig: bool) -> None:
+    """A worker process: build the pipeline once, then render what the main process sends. The spec
+    comes pickled (bytes): unpickling it imports torch (its Tuning), seconds during which a worker
+    whose parent was SIGKILLed would live on; it is unpickled once the worker dies with its parent."""
     for s in STOP_SIGNALS:  # already ignored since exec (see _signals_ignored); said again for clarity
         signal.signal(s, signal.SIG_IGN)
     _die_with(parent, pdeathsig)
+    spec: ModelSpec | None = None
     try:
+        spec = pickle.loads(packed)
         render = build_renderer(spec)
     except BaseException as e:
-        outbox.send(("unloadable", worker, load_error(spec, e)))
+        why = load_error(spec, e) if spec is not None else f"could not start a worker: {type(e).__name__}: {e}"
+        outbox.send(("unloadable", worker, why))
         return
     outbox.send(("ready", worker, spec.device))
     while (message := inbox.get()) is not None:
@@ -114,7 +120,7 @@ class ProcessPool:
         self.procs = [
             ctx.Process(
                 target=_worker,
-                args=(spec, self.inboxes[i], pipes[i][1], i, os.getpid(), pdeathsig),
+                args=(pickle.dumps(spec), self.inboxes[i], pipes[i][1], i, os.getpid(), pdeathsig),
                 name=f"sdbatch-worker-{i}",
                 daemon=True,
             )
