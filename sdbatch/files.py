@@ -139,6 +139,19 @@ def no_link(path: Path) -> Path:
     return path
 
 
+def own_path(path: Path, folder: bool = False) -> Path:
+    """`path`, a file (or with `folder`, a folder) sdbatch keeps in its output folder: refused in one
+    line when it is a link, or something else (a folder where the manifest goes, a file named
+    sheets), before anything is rendered, rather than failing on it after the images are made."""
+    no_link(path)
+    if os.path.lexists(path) and (os.path.isdir(path) if not folder else not os.path.isdir(path)):
+        what = "a folder" if os.path.isdir(path) else "not a folder"
+        raise InputError(f"{path}: is {what}, where sdbatch keeps its {'folder' if folder else 'file'}; move it away")
+    if not folder and os.path.lexists(path) and not os.path.isfile(path):
+        raise InputError(f"{path}: not a regular file (a FIFO, a device), where sdbatch keeps its file; move it away")
+    return path
+
+
 def prepare_folder(folder: Path) -> Path:
     """Create the output folder, or say in one line why it cannot be written (exit 2)."""
     if str(folder).strip() == "":

@@ -236,6 +236,8 @@ def plan_job(
     those of the whole job, so the shards of one job fill one folder without clashing."""
     model = model or job_model(job)
     folder = Path(output) if output is not None else job.output
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise InputError(f"output {folder}: is a file, not a folder; name a folder for the images")
     recorded = randoms if randoms is not None else read_record(folder / RANDOMS)
     randoms = draw_randoms(job.random_slots(), recorded, str(folder / RANDOMS))
     tasks, merged = _distinct_tasks(job, model, randoms)

@@ -302,7 +302,9 @@ class Recipe:
     @classmethod
     def from_record(cls, record: dict[str, Any], where: str = "") -> "Recipe":
         """Inverse of `to_record`; a field the record lacks takes its default (older files), a value
-        of the wrong type or one that breaks a rule is a RecipeError naming it."""
+        of the wrong type or one that breaks a rule is a RecipeError naming it. The fields every
+        sdbatch record has held since 0.1.0 must be there: a record without its prompt, size or
+        seed is damaged, not a request for the defaults' 512x512 picture."""
         values = {}
         for f in fields(cls):
             if f.name in record:
@@ -310,7 +312,10 @@ class Recipe:
                     values[f.name] = _coerce(f.name, record[f.name])
                 except (TypeError, ValueError) as e:
                     raise RecipeError(f"{where}{f.name}: {e}") from None
-        return cls(**values).check(where)
+        recipe = cls(**values).check(where)
+        if missing := [name for name in _ID_V1 if name not in record]:
+            raise RecipeError(f"{where}the record lacks {', '.join(missing)}")
+        return recipe
 
     # -- ids
 

@@ -137,7 +137,8 @@ def _recorded_model(record: dict[str, Any], path: str, shown: str) -> str:
     if _found(path):
         return path
     name, sha256 = record.get("name"), record.get("sha256")
-    if isinstance(name, str) and isinstance(sha256, str) and _found(name):
+    plain = isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts
+    if plain and isinstance(sha256, str) and _found(name):  # a name, never a path a crafted image names
         found = resolve_model(name)
         if model_sha256(found) == sha256:
             return str(found)

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import __version__
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError, Interrupts
-from .files import clean_temp_files, no_link, prepare_folder, read_record, write_atomic
+from .files import clean_temp_files, no_link, own_path, prepare_folder, read_record, write_atomic
 from .hires import auto_vae_tile
 from .jobs import Job, Task, draw_randoms
 from .output.manifest import (
@@ -177,7 +177,7 @@ def run_job(job: Job, options: Options, reporter: Reporter, render: Callable | N
     interrupt = Interrupt()
     with interrupt.installed(), run_lock(folder, options.shard):
         for name in (manifest_name(options.shard), JOB_RECORD, RANDOMS, SHEETS, ASIDE):
-            no_link(folder / name)
+            own_path(folder / name, folder=name in (SHEETS, ASIDE))
         clean_temp_files(folder)
         plan = plan_job(job, folder, _settle_randoms(folder, job), options.shard, model)
         _record_job(plan)

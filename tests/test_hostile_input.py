@@ -262,8 +262,15 @@ def inspect_png(text: dict[str, str] | None = None, raw: bytes | None = None, bo
     return make
 
 
+def full_task(task: object) -> object:
+    """A task record as sdbatch writes it (every field), with `task`'s values in it."""
+    from sdbatch.recipe import Recipe
+
+    return Recipe(prompt="a", size=(32, 32), steps=2).to_record() | task if isinstance(task, dict) else task
+
+
 def sdbatch_chunk(task: object, **meta: object) -> dict[str, str]:
-    return {"sdbatch": json.dumps({"task": task, "model": {"path": str(DEMO)}, **meta})}
+    return {"sdbatch": json.dumps({"task": full_task(task), "model": {"path": str(DEMO)}, **meta})}
 
 
 INSPECT_CASES = {
@@ -303,7 +310,12 @@ RERUN_CASES = {
     "surrogate-job-name": (sdbatch_chunk({"prompt": "a"}, job="\udc80"), ("damaged", "surrogate")),
     "index-not-a-number": (sdbatch_chunk({"prompt": "a", "index": "zz"}), ("damaged", "index")),
     "index-infinite": ({"sdbatch": '{"task": {"prompt": "a", "index": 1e400}}'}, ("damaged", "index")),
-    "model-path-not-text": ({"sdbatch": json.dumps({"task": {"prompt": "a"}, "model": {"path": 5}})}, ("model",)),
+    "model-path-not-text": ({"sdbatch": json.dumps({"task": full_task({}), "model": {"path": 5}})}, ("model",)),
+    "task-empty": ({"sdbatch": json.dumps({"task": {}, "model": {"path": str(DEMO)}})}, ("lacks",)),
+    "task-without-seed": (
+        {"sdbatch": json.dumps({"task": {k: v for k, v in full_task({}).items() if k != "seed"}})},
+        ("lacks seed",),
+    ),
     "model-is-a-list": ({"sdbatch": json.dumps({"task": {"prompt": "a"}, "model": [1]})}, ("damaged",)),
     "a1111-nul": (
         {"parameters": "a\x00b\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 32x32"},
@@ -731,3 +743,77 @@ def test_emoji_codes_in_user_text_stay_text(tmp_path):
     job.write_text('prompt: "a [cat:dog:50] b"\nsteps: 20\n')
     result = sdbatch("validate", str(job))
     assert result.returncode == 2 and "[cat:dog:50]" in result.stderr, result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# found by fuzzing the CLI (session of 2026-12-06)
+
+
+def test_a_job_file_whose_name_is_not_utf8_validates(tmp_path):
+    """The job's default name is its file's stem: bytes that are not UTF-8 crashed the task ids."""
+    name = os.fsdecode(b"caf\xe9.yaml")
+    job_file(tmp_path, "prompt: a red circle\nsteps: 2\n", name=name)
+    result = sdbatch("validate", name, cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("name", ["../../../../../../dev/zero", "FIFO", "../../../../../../etc/hostname", "/dev/zero"])
+def test_rerun_never_hashes_a_device_a_fifo_or_a_path_its_image_names(rendered, tmp_path, name):
+    """A crafted image's recorded model name (tried when its path is gone) is a name in the weights
+    folders, never a path: /dev/zero hashed for ever, a FIFO blocked in open()."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    image = next((rendered / "out").glob("*.png"))
+    with Image.open(image) as im:
+        text, pixels = dict(im.text), im.convert("RGB")
+    meta = json.loads(text["sdbatch"])
+    meta["model"] = {"path": "/nope/x.safetensors", "name": str(fifo) if name == "FIFO" else name, "sha256": "0"}
+    crafted = tmp_path / "crafted.png"
+    crafted.write_bytes(png_bytes(pixels, {**text, "sdbatch": json.dumps(meta)}))
+    assert_one_error_line(sdbatch("rerun", str(crafted), "-o", str(tmp_path / "out")), "not found")
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "FIFO"])
+def test_a_model_that_is_a_device_or_a_fifo_is_named_as_such(tmp_path, device):
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    target = str(path) if device == "FIFO" else device
+    assert_one_error_line(sdbatch("check-model", target), "not a regular file")
+    job = job_file(tmp_path, f"model: {target}\nprompt: a\nsteps: 2\n")
+    assert_one_error_line(sdbatch("validate", str(job)), "not a regular file")
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "says"),
+    [
+        ("manifest.jsonl", "folder", "is a folder"),
+        ("job.json", "folder", "is a folder"),
+        ("randoms.json", "folder", "is a folder"),
+        ("aside", "file", "not a folder"),
+        ("sheets", "file", "not a folder"),
+        ("manifest.jsonl", "fifo", "not a regular file"),
+    ],
+)
+def test_what_sdbatch_keeps_in_its_folder_of_the_wrong_kind_is_refused_before_rendering(tmp_path, name, kind, says):
+    """A folder where the manifest goes rendered every image, then failed them all (exit 1)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    {"folder": (out / name).mkdir, "file": (out / name).write_text, "fifo": lambda: os.mkfifo(out / name)}[kind](
+        *(["x"] if kind == "file" else [])
+    )
+    job = job_file(tmp_path, "prompt: a red circle\nsteps: 2\nseed: 1-2\n")
+    assert_one_error_line(sdbatch("run", str(job), "-o", str(out)), name, says)
+    assert not list(out.glob("*.png"))
+
+
+def test_plan_into_a_file_is_one_line(tmp_path):
+    job = job_file(tmp_path, "prompt: a red circle\nsteps: 2\n")
+    assert_one_error_line(sdbatch("plan", str(job), "-o", str(job)), "is a file, not a folder")
+
+
+def test_a_wildcard_file_that_is_not_utf8_is_refused_at_its_line(tmp_path):
+    """It reached the prompt as U+FFFD characters; job and prompt files were refused already."""
+    (tmp_path / "wc").mkdir()
+    (tmp_path / "wc" / "colors.txt").write_bytes(b"red\n\xff\xfe blue\n")
+    job = job_file(tmp_path, "prompt: a __colors__ circle\nwildcards: wc\nsteps: 2\n")
+    assert_one_error_line(sdbatch("validate", str(job)), "job.yaml:1: prompt", "colors.txt:2 is not UTF-8")

@@ -22,12 +22,14 @@ def resolve_model(model: str | Path) -> Path:
     if _exists(path):
         return _model_file(path)
     looked = []
+    shown = str(model) if len(str(model)) <= 200 else str(model)[:199] + "…"
+    if path.is_absolute() or ".." in path.parts:  # a name is looked up inside the weights folders only
+        raise CheckpointError(f"model {shown!r} not found")
     for base in dict.fromkeys((weights_dir(), SHIPPED_WEIGHTS)):
         for candidate in (base / path, base / f"{model}.safetensors", base / f"{model}.ckpt"):
             looked.append(str(candidate))
             if _exists(candidate):
                 return _model_file(candidate)
-    shown = str(model) if len(str(model)) <= 200 else str(model)[:199] + "…"
     raise CheckpointError(f"model {shown!r} not found; looked for {', '.join(p[:300] for p in looked[:4])}")
 
 

@@ -56,6 +56,8 @@ def read_weights(path: str | Path) -> WeightsFile:
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, expected a weights file")
+    if not path.is_file():  # a FIFO would block in open(), a device read for ever
+        raise CheckpointError(f"{path}: not a regular file (a device, a FIFO, a socket): name a weights file")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes); was the download interrupted?")

@@ -10,6 +10,7 @@ field, so one `sdbatch validate` shows every mistake; nothing is rendered from a
 import difflib
 import itertools
 import math
+import os
 import re
 import secrets
 from dataclasses import dataclass, field, replace
@@ -394,13 +395,15 @@ def parse_job(text: str, file: Path) -> Job:
 
 def _job_settings(check: _Checker, data: LineDict, file: Path) -> Job:
     """The job-wide keys: name, model, vae, output, devices, filename, sheet (no runs yet)."""
-    name = check.text_key(data, "name", file.stem) or file.stem
+    # the file's own name, made UTF-8 (a name of other bytes reaches Python as lone surrogates)
+    stem = os.fsencode(file.stem).decode("utf-8", errors="replace")
+    name = check.text_key(data, "name", stem) or stem
     if re.search(r"[/\\\x00]", name) or name in (".", ".."):
         check.problem(data.lines["name"], "name", f"{show(name)} cannot name a folder; use letters, digits, - and _")
-        name = file.stem
+        name = stem
     elif len(name.encode()) > MAX_NAME_BYTES:
         check.problem(data.lines["name"], "name", f"longer than {MAX_NAME_BYTES} bytes; it names a folder")
-        name = file.stem
+        name = stem
     model = check.text_key(data, "model", "demo") or "demo"
     vae = check.text_key(data, "vae", None)
     if vae is not None and _exists(file.parent / vae):

@@ -119,7 +119,12 @@ def _pantry(folder: Path, listing: tuple[tuple[str, str, int, int], ...]) -> dic
         total += len(data)
         if total > MAX_WILDCARD_BYTES:
             raise ValueError(f"wildcard folder {folder} holds more than {MAX_WILDCARD_BYTES // 2**20} MB of text")
-        text = data.decode("utf-8-sig", errors="replace")
+        try:  # as job and prompt files: a byte that is not UTF-8 would reach the prompt as U+FFFD
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            pantry[name] = f"{path}:{line} is not UTF-8 text (save it as UTF-8)"
+            continue
         pantry[name] = tuple(v for line in text.splitlines() if (v := line.strip()) and not v.startswith("#"))
     return pantry
 
