@@ -4,10 +4,10 @@ Every key of the infotext is mapped onto a recipe field through `recipe.A1111_KE
 `rerun` reads), the model is found in the weights folders by A1111's `Model hash` (the 10-digit sha256
 prefix, or the 8-digit hash of A1111 before 1.0), and the prompt's LoRAs and embeddings are checked
 against `Lora hashes` / `TI hashes`. A key sdbatch cannot reproduce (ADetailer, ControlNet, an unknown
-sampler) is an error naming every such key; with `lenient` each key sdbatch does not know (an
-extension's) is written into the job as a comment and returned as a warning instead. Never silently
-dropped, and never the picture's own values: a prompt, size, seed, steps, CFG scale, sampler or
-denoising strength (CORE_FIELDS) that cannot be reproduced is an error even with `lenient`.
+sampler) is an error naming every such key; with `lenient` each key sdbatch has no field for (an
+extension's, a VAE) is written into the job as a comment and returned as a warning instead. Never
+silently dropped, and a value sdbatch has a field for is never reset to a default: one that cannot be
+reproduced (an upscaler it cannot run, a NaN) is an error even with `lenient`.
 
 The job holds every value the infotext gives (a value left out would take the model's default, the
 demo's 32x32 say), its model by absolute path (or a shipped one by name), so that it renders the same
@@ -34,13 +34,10 @@ from .text import printable
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 HIRES_FIELDS = {field: key for key, field in HIRES_KEYS.items()}  # hires_scale -> scale, strength -> denoise
 MAX_TEXT = 1 << 20  # bytes of a parameters text file
-# the picture's own fields, which --lenient never sets back to their default (nor leaves out their keys)
-CORE_FIELDS = {"prompt", "negative", "size", "sampler", "karras", "schedule", "steps", "cfg", "seed", "strength"}
-CORE_FIELDS |= {"hires_scale", "hires_size", "hires_steps", "hires_sampler", "hires_schedule", "hires_cfg"}
-CORE_FIELDS |= {"hires_prompt", "hires_negative"}
 LENIENT = (
-    " (--lenient leaves out only what extensions add, ADetailer, ControlNet...; never the prompt, size, seed, "
-    "steps, CFG scale, sampler or denoising strength)"
+    " (--lenient leaves out, as comments, the fields sdbatch has no equivalent for: an extension's, a VAE, face "
+    "restoration...; it never resets a value sdbatch reproduces: prompt, size, seed, steps, CFG scale, sampler, "
+    "schedule, denoising strength, noise and seed settings, emphasis, clip skip, upscaler)"
 )
 PROMPTS = {
     "prompt": "prompt",
@@ -102,7 +99,7 @@ def import_job(source: Path, lenient: bool = False, output: Path | None = None) 
             expands = "which a job file expands as variants or wildcards"
             raise InputError(f"{shown}: the {what} holds {{a|b}} or __name__, {expands}{tail}")
     notes: list[str] = []
-    recipe = _recipe(values, shown, lenient, notes)
+    recipe = _recipe(values, shown, lenient)
     _, _, pairs = parse_infotext(text)
     model, model_note = find_model(str(pairs.get("Model hash", "")), str(pairs.get("Model", "")))
     if model_note:
@@ -142,20 +139,13 @@ def write_job(output: Path, text: str) -> None:
         raise InputError(f"{printable(str(output))}: cannot write ({e.strerror or type(e).__name__})") from None
 
 
-def _recipe(values: dict[str, Any], shown: str, lenient: bool, notes: list[str]) -> Recipe:
-    """The recipe of the values; with `lenient`, a field outside CORE_FIELDS that breaks a rule (an
-    upscaler sdbatch cannot run, say) goes back to its default, with a note saying so."""
-    while True:
-        problems = list(Recipe(**values).problems())
-        if not problems or not lenient:
-            return Recipe(**values).check(f"{shown}: ")
-        field, message = problems[0]
-        if field not in values or field in CORE_FIELDS:
-            try:
-                return Recipe(**values).check(f"{shown}: ")
-            except RecipeError as e:
-                raise RecipeError(f"{e}{LENIENT}") from None
-        notes.append(f"{field} {values.pop(field)!r} left at its default {DEFAULTS[field]!r}: {message}")
+def _recipe(values: dict[str, Any], shown: str, lenient: bool) -> Recipe:
+    """The recipe of the values, or RecipeError: a value sdbatch reproduces is never reset to a
+    default to get past a rule, not even with `lenient` (the picture would be another one)."""
+    try:
+        return Recipe(**values).check(f"{shown}: ")
+    except RecipeError as e:
+        raise RecipeError(f"{e}{LENIENT if lenient else ''}") from None
 
 
 def _model_entry(path: Path) -> str:

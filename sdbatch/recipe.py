@@ -51,7 +51,7 @@ def param(default: Any, doc: str, *, file: bool = False) -> Any:
 class Recipe:
     prompt: str = param("", "what to draw")
     negative: str = param("", "the unconditional prompt of classifier-free guidance")
-    emphasis: str = param("original", "how (x:1.2) weights apply: original (A1111), no-norm, none, comfy")
+    emphasis: str = param("original", "how (x:1.2) weights apply: original (A1111), no-norm, ignore, none, comfy")
     clip_skip: int = param(1, "A1111's Clip skip: 1 = the text encoder's last layer, N = skip the last N-1")
     lora: tuple[tuple[str, float, float], ...] = param(
         (), "LoRAs merged into the model: (name, text-encoder weight, UNet weight); prompt <lora:> tags add more"
@@ -575,7 +575,13 @@ def _prompt_problem(text: str, steps: Any, negative: bool) -> str | None:
     return prompt_problem(text, steps if isinstance(steps, int) and steps >= 1 else None, negative=negative)
 
 
-EMPHASIS = {"original": "Original", "no-norm": "No norm", "none": "None", "comfy": "Comfy"}  # -> A1111's name
+EMPHASIS = {
+    "original": "Original",
+    "no-norm": "No norm",
+    "ignore": "Ignore",
+    "none": "None",
+    "comfy": "Comfy",
+}  # -> A1111's name
 
 
 RNG = {"diffusers": "diffusers", "a1111": "NV", "a1111-cpu": "CPU"}  # -> A1111's `RNG:` value
@@ -772,7 +778,7 @@ def _read_resize(text: str) -> dict[str, Any]:
 
 
 def _read_emphasis(text: str) -> dict[str, Any]:
-    names = {a1111.lower(): name for name, a1111 in EMPHASIS.items()} | {"ignore": "none"}
+    names = {a1111.lower(): name for name, a1111 in EMPHASIS.items()}
     if text.strip().lower() not in names:
         raise ValueError(f"unknown emphasis mode (known: {', '.join(EMPHASIS.values())})")
     return {"emphasis": names[text.strip().lower()]}

@@ -551,6 +551,10 @@ CORE_BREAKS = {
     "a pre-1.0 hires fix": infotext(", Denoising strength: 0.5, First pass size: 0x0"),
     "variants in the prompt": infotext(prompt="a {red|blue} circle"),
     "a hires fix with no denoise": infotext(", Hires upscale: 2, Hires upscaler: Latent"),
+    "A1111's LCM (compat would be reset)": infotext(", Schedule type: Automatic, Version: v1.10.1", sampler="LCM"),
+    "an upscaler sdbatch cannot run": infotext(HIRES.replace("Latent", "SwinIR 4x")),
+    "ENSD out of range": infotext(", ENSD: 4294967295"),
+    "Seed resize from of no size": infotext(", Seed resize from: 500x700"),
 }
 
 
@@ -697,3 +701,9 @@ def test_values_at_sdbatchs_defaults_are_written_too(tmp_path):
     hires = yaml.safe_load(imported(tmp_path, infotext(HIRES))[0])["hires"]
     assert hires == {"scale": 2.0, "upscaler": "latent", "steps": 6, "denoise": 0.5}
     assert math.isclose(yaml.safe_load(imported(tmp_path, infotext())[0])["cfg"], 5.0)
+
+
+def test_emphasis_ignore_is_a1111s_ignore_not_none(tmp_path):
+    """A1111's Ignore still parses the brackets (its None hands them to CLIP as text)."""
+    assert recipe_of(tmp_path, infotext(", Emphasis: Ignore, Version: v1.10.1")).emphasis == "ignore"
+    assert recipe_of(tmp_path, infotext(", Emphasis: None, Version: v1.10.1")).emphasis == "none"

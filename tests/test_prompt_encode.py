@@ -207,11 +207,24 @@ def test_emphasis_matches_reference(mode, text):
             assert got[0, chunk].mean().item() == pytest.approx(unweighted[0, chunk].mean().item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("text", [DOCTEST, LONG_WEIGHTED])
+def test_emphasis_ignore_parses_the_brackets_away_and_applies_no_weight(text):
+    """A1111's "Ignore" (EmphasisIgnore): the prompt is parsed as for "Original" (its chunks, its
+    comma backtrack), the weights are not applied; "None" instead hands CLIP the brackets as text."""
+    model = make_tiny()
+    pipe = ours(model)
+    got = pipe.encode_prompt(text, "ignore")
+    assert max_diff(got, reference(model, text, "none")) <= TOL  # the reference: parsed chunks, no weights
+    assert max_diff(got, pipe.encode_prompt(text, "original")) > 1e-2
+    plain = pipe.encode_prompt(text, "none")
+    assert got.shape != plain.shape or max_diff(got, plain) > 1e-2
+
+
 def test_unweighted_prompt_is_identical_in_every_mode():
     pipe = ours()
     text = "a photo of a cat, " + words("cat", 90)  # two chunks, no weights, no comma backtrack
     plain = todays_encoding(pipe, text)
-    for mode in ("original", "no-norm", "comfy", "none"):
+    for mode in ("original", "no-norm", "comfy", "ignore", "none"):
         assert torch.equal(pipe.encode_prompt(text, mode), plain), mode
 
 

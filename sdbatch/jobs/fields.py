@@ -368,12 +368,11 @@ def _batch_size(item: Any, ctx: Context) -> list:
 
 
 def _emphasis(item: Any, ctx: Context) -> list:
-    """`original` (A1111's default), `no-norm`, `none` (brackets are plain text), `comfy`; A1111's
-    own names (`No norm`, `Ignore`) are accepted too."""
+    """`original` (A1111's default), `no-norm`, `ignore` (brackets parsed away, weights not
+    applied), `none` (brackets are plain text), `comfy`; A1111's own names (`No norm`) too."""
     if not isinstance(item, str):
         raise ValueError(f"must be an emphasis mode, got {show(item)}")
-    text = item.strip().lower().replace(" ", "-")
-    return [{"ignore": "none"}.get(text, text)]
+    return [item.strip().lower().replace(" ", "-")]
 
 
 def _lora(item: Any, ctx: Context) -> list:

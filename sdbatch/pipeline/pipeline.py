@@ -51,7 +51,11 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, mode: str, empty: tor
     no-norm (A1111's "No norm"): z * w.
     comfy (ComfyUI): each weighted token moves away from or towards the empty prompt's state at its
         position, z_empty + (z - z_empty) * w, so weight 0 means "as if absent", not "zero vector".
+    ignore (A1111's "Ignore"): none; the brackets were still parsed away (unlike "none", where
+        they are text CLIP reads).
     """
+    if mode == "ignore":
+        return z
     z32, w = z.float(), weights.float()[..., None]
     if mode == "comfy":
         assert empty is not None
@@ -247,7 +251,7 @@ class Pipeline:
         if not 1 <= clip_skip <= layers:
             raise RequestError(f"clip_skip: {clip_skip}, but this model's text encoder has {layers} layers")
         ids, weights, fixes = self.prompt_chunks(text, emphasis, self._lookup(embeddings))
-        weighted = emphasis != "none" and bool((weights != 1).any())
+        weighted = emphasis not in ("none", "ignore") and bool((weights != 1).any())
         with torch.inference_mode(), self._on_device(self.model.text_encoder) as encoder:
             device = next(encoder.parameters()).device
             z = encoder(ids.to(device), clip_skip, fixes if any(fixes) else None)
