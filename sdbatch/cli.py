@@ -368,7 +368,9 @@ def rerun(
 
 @app.command(name="import")
 def import_(
-    source: Annotated[Path, typer.Argument(help="An A1111/civitai PNG, or a text file with its parameters.")],
+    source: Annotated[
+        Path, typer.Argument(help="An A1111/civitai PNG, JPEG or WebP, or a text file with its parameters.")
+    ],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the job here (default: print it).")
     ] = None,

@@ -53,13 +53,13 @@ def read_infotext(source: Path) -> str:
     """The `parameters` text of a PNG, or a text file's contents (UTF-8)."""
     shown = printable(str(source))
     try:
-        head = read_limited(source, 8, head=True)
+        head = read_limited(source, 12, head=True)
     except OSError as e:
         raise InputError(f"{shown}: cannot read ({e.strerror or e})") from None
-    if head.startswith(b"\x89PNG"):
-        text = read_png_text(source)
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff")) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        text = read_png_text(source)  # a JPEG's or WebP's is its EXIF UserComment, as A1111 writes it
         if "parameters" not in text:
-            raise InputError(f"{shown}: carries no A1111 parameters (no `parameters` text chunk)")
+            raise InputError(f"{shown}: carries no A1111 parameters (no `parameters` text, no EXIF UserComment)")
         return text["parameters"]
     try:
         return read_limited(source, MAX_TEXT).decode("utf-8-sig")

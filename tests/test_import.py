@@ -707,3 +707,26 @@ def test_emphasis_ignore_is_a1111s_ignore_not_none(tmp_path):
     """A1111's Ignore still parses the brackets (its None hands them to CLIP as text)."""
     assert recipe_of(tmp_path, infotext(", Emphasis: Ignore, Version: v1.10.1")).emphasis == "ignore"
     assert recipe_of(tmp_path, infotext(", Emphasis: None, Version: v1.10.1")).emphasis == "none"
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "webp"])
+@pytest.mark.parametrize("prefix", [b"UNICODE\0", b"ASCII\0\0\0", b""])
+def test_a_jpeg_or_webp_imports_from_its_exif_user_comment(tmp_path, suffix, prefix):
+    """A1111 saves JPEG and WebP with the infotext in EXIF UserComment (piexif: "UNICODE" and
+    UTF-16 big-endian); civitai serves many images so. Read as A1111's read_info_from_image reads it."""
+    from PIL import Image
+
+    text = infotext(", Version: v1.10.1", prompt="a red circle, 東京")
+    encoding = {b"UNICODE\0": "utf_16_be", b"ASCII\0\0\0": "ascii"}.get(prefix, "utf-8")
+    if encoding == "ascii":
+        text = text.replace(", 東京", "")
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = prefix + text.encode(encoding)
+    image = tmp_path / f"a1111.{suffix}"
+    Image.new("RGB", (32, 32), "red").save(image, exif=exif)
+    job = yaml.safe_load(import_job(image)[0])
+    assert (job["prompt"], job["seed"], job["steps"]) == (parse_infotext(text)[0], 7, 9)
+    bare = tmp_path / f"bare.{suffix}"
+    Image.new("RGB", (32, 32), "red").save(bare)
+    with pytest.raises(InputError, match="carries no A1111 parameters"):
+        import_job(bare)
