@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .addons.library import Addons, Folders, check_addons
+from .addons.embeddings import IMAGE_SUFFIXES
+from .addons.library import EMBEDDING_SUFFIXES, LORA_SUFFIXES, UPSCALER_SUFFIXES, Addons, Folders, check_addons
 from .checkpoints import model_sha256, resolve_model
 from .errors import InputError
 from .files import content_sha256, prepare_folder, write_atomic
@@ -183,9 +184,20 @@ def addon_hashes(infotext: str) -> dict[str, dict[str, str]]:
 
 
 def _recorded_folders(listed: Any) -> list[Path]:
-    """The folders an image's add-ons were in when it was made (looked in first by rerun)."""
+    """The folders an image's add-ons were in when it was made (looked in first by rerun): each only
+    while the recorded add-on file is still there, so a crafted image cannot make rerun list `/`."""
     paths = [e.get("path") for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
-    return list(dict.fromkeys(Path(p).parent for p in paths if isinstance(p, str) and p))
+    return list(dict.fromkeys(Path(p).parent for p in paths if isinstance(p, str) and p and _is_file(p)))
+
+
+ADDON_SUFFIXES = {*LORA_SUFFIXES, *EMBEDDING_SUFFIXES, *UPSCALER_SUFFIXES, *IMAGE_SUFFIXES}
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).suffix.lower() in ADDON_SUFFIXES and Path(path).is_file()
+    except (OSError, ValueError):  # a name too long, a NUL
+        return False
 
 
 def find_addons(

@@ -817,3 +817,18 @@ def test_a_wildcard_file_that_is_not_utf8_is_refused_at_its_line(tmp_path):
     (tmp_path / "wc" / "colors.txt").write_bytes(b"red\n\xff\xfe blue\n")
     job = job_file(tmp_path, "prompt: a __colors__ circle\nwildcards: wc\nsteps: 2\n")
     assert_one_error_line(sdbatch("validate", str(job)), "job.yaml:1: prompt", "colors.txt:2 is not UTF-8")
+
+
+def test_rerun_looks_in_a_recorded_addon_folder_only_while_the_file_is_there(rendered, tmp_path):
+    """A crafted image recording a LoRA at /zzz.safetensors made rerun list `/` (8 s, then 'more
+    than 100000 files'): a recorded folder is searched only while the recorded file is in it."""
+    image = next((rendered / "out").glob("*.png"))
+    with Image.open(image) as im:
+        text, pixels = dict(im.text), im.convert("RGB")
+    meta = json.loads(text["sdbatch"])
+    meta["task"]["prompt"] += " <lora:zzz:1>"
+    meta["task"]["addons"] = {"loras": [{"name": "zzz", "path": "/zzz.safetensors", "sha256": "0" * 64}]}
+    crafted = tmp_path / "crafted.png"
+    crafted.write_bytes(png_bytes(pixels, {**text, "sdbatch": json.dumps(meta)}))
+    line = assert_one_error_line(sdbatch("rerun", str(crafted), "-o", str(tmp_path / "out")), "zzz", "not found")
+    assert "more than" not in line and "looked in /," not in line
