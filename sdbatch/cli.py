@@ -305,6 +305,8 @@ def _tuning(compile_, cuda_graphs, channels_last, vae_batch, low_vram, vae_tile,
     """The speed and memory options; imported only when a run renders (the pipeline needs torch)."""
     from .pipeline import Tuning
 
+    if Interrupts.deferred:  # a Ctrl-C during that import (torch's): stop before any work
+        raise KeyboardInterrupt
     return Tuning(channels_last, compile_, cuda_graphs, vae_batch, low_vram, vae_tile, upscale_tile or None)
 
 

@@ -33,10 +33,10 @@ class Interrupts:
 
 def on_interrupt(signum: int, frame: object) -> None:
     """SIGINT/SIGTERM -> KeyboardInterrupt, counted in `Interrupts.seen`; while a module is being
-    imported, only counted (`Interrupts.deferred`): the run stops when it starts (runner), and any
-    other command exits 130 when its work is done (cli._guard)."""
+    imported, the first is only counted (`Interrupts.deferred`): the run stops when it starts
+    (runner), and any other command exits 130 when its work is done (cli._guard)."""
     Interrupts.seen += 1
-    if _importing():
+    if _importing() and not Interrupts.deferred:  # a second one raises: a hung import can still be left
         Interrupts.deferred += 1
         return
     raise KeyboardInterrupt

@@ -305,17 +305,32 @@ def _orphans(folder: Path, recorded: set[str], pending: set[str]) -> dict[str, s
         return {}
     found: dict[str, str] = {}
     with os.scandir(folder) as entries:
-        for name in sorted(e.name for e in entries if e.name.endswith(".png") and e.name not in recorded):
-            owner = _owner(folder, name)
-            if owner in pending and owner not in found:
-                found[owner] = name
+        names = sorted(e.name for e in entries if e.name.endswith(".png") and e.is_file(follow_symlinks=False))
+    for name in names:
+        if name in recorded or _claimed_id(folder / name) not in pending:  # a header read: cheap
+            continue
+        owner = _owner(folder, name)  # the whole image decodes: it is that task's
+        if owner in pending and owner not in found:
+            found[owner] = name
     return found
 
 
-def image_record(folder: Path, name: str) -> dict | None:
-    """The task record an image on disk carries in its `sdbatch` chunk (its manifest line as it was
-    rendered), when it is a whole PNG that decodes; None for anything else (missing, damaged,
-    foreign, a link)."""
+def _claimed_id(path: Path) -> str | None:
+    """The task id an image's `sdbatch` chunk names, read from the PNG's header chunks only (sdbatch
+    writes its text before the pixels); None if there is none. Nothing is decoded or trusted here."""
+    if not whole_png(path):
+        return None
+    try:
+        with Image.open(path) as im:
+            task = json.loads(im.info.get("sdbatch", "{}")).get("task")
+    except Exception:
+        return None
+    return task.get("id") if isinstance(task, dict) and isinstance(task.get("id"), str) else None
+
+
+def _owner(folder: Path, name: str) -> str | None:
+    """The task id an image on disk carries in its `sdbatch` chunk, when it is a whole PNG that
+    decodes; None for anything else (missing, damaged, foreign, a link)."""
     path = inside(folder, name)
     if path is None or not whole_png(path):
         return None
@@ -323,13 +338,7 @@ def image_record(folder: Path, name: str) -> dict | None:
         with Image.open(path) as im:
             im.load()
             meta = json.loads(im.text.get("sdbatch", "{}"))  # type: ignore[attr-defined]
-        record = meta["task"]
+        task_id = meta["task"]["id"]
     except Exception:
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("id"), str) else None
-
-
-def _owner(folder: Path, name: str) -> str | None:
-    """The task id an image on disk carries (see image_record)."""
-    record = image_record(folder, name)
-    return None if record is None else record["id"]
+    return task_id if isinstance(task_id, str) else None

@@ -382,6 +382,7 @@ def a1111_values(text: str, where: str = "", lenient: bool = False) -> dict[str,
     prompt, negative, pairs = parse_infotext(text)
     values: dict[str, Any] = {"prompt": prompt, "negative": negative}
     a1111 = not str(pairs.get("Version", "")).startswith("sdbatch")  # A1111's own text: its conventions
+    typed = "Schedule type" in pairs  # A1111 1.9 on: each sampler's schedule is said, not implied by its name
     if a1111:
         pairs = _backcompat(pairs, prompt, negative)
         for key in ("Sampler", "Hires sampler"):  # a schedule in the sampler's name wins (get_sampler_and_scheduler)
@@ -413,7 +414,7 @@ def a1111_values(text: str, where: str = "", lenient: bool = False) -> dict[str,
                 raise RecipeError(f"{where}{key}: {raw!r}: {e}") from None
     # before 1.9 A1111 wrote no Schedule type: a sampler named without " Karras" or " Exponential" used the
     # model's own sigmas (1.9's "Uniform"), and so did a hires sampler (not the first pass's schedule)
-    if a1111 and "Schedule type" not in pairs:
+    if a1111 and not typed:
         if values.get("sampler") in _UNIFORM_BEFORE_1_9 and not values.get("karras") and "schedule" not in values:
             values["schedule"] = "uniform"
         if "hires_sampler" in values:

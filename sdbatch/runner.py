@@ -39,7 +39,7 @@ from .output.manifest import (
 )
 from .output.png import png_bytes
 from .output.sheets import JOB_RECORD, SHEETS, make_sheets
-from .plan import RANDOMS, JobPlan, ModelInfo, check_job_addons, image_record, job_model, plan_job
+from .plan import RANDOMS, JobPlan, ModelInfo, check_job_addons, job_model, plan_job
 from .render import auto_batch_size, inline_executor, make_executor, parse_devices
 from .render.devices import device_counts
 
@@ -218,10 +218,9 @@ def _tidy(plan: JobPlan, manifest: Manifest, reporter: Reporter, summary: Summar
     by_id = {t.id: t for t in plan.tasks}
     for task_id, name in plan.found.items():
         size = os.lstat(plan.output / name).st_size
-        line = entry_for(by_id[task_id], name, plan.job, "ok")
-        own = image_record(plan.output, name)  # the line as it was rendered (the job may have been edited since)
-        line = (own if own is not None and own.get("id") == task_id else line) | {"file": name, "status": "ok"}
-        manifest.append(line | {"model_hash": plan.model.hash, "bytes": size})
+        # the task's line as this plan has it: its recipe is the image's (the id is the recipe's), its
+        # index and run today's (the job may have been edited since: sheets group by run)
+        manifest.append(entry_for(by_id[task_id], name, plan.job, "ok", model_hash=plan.model.hash, bytes=size))
     if plan.found:
         reporter.note(f"{len(plan.found)} images were on disk without their manifest line: recorded, not rendered")
 

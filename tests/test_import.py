@@ -446,6 +446,14 @@ def test_ddim_before_1_6_is_refused_for_its_pad_conds_v0(tmp_path):
     imported(tmp_path, infotext(", Version: v1.6.0", sampler="DDIM"))
 
 
+def test_a_suffixed_sampler_in_a_1_9_text_leaves_the_hires_sampler_on_the_first_passs_schedule(tmp_path):
+    text = infotext(
+        f"{HIRES}, Schedule type: Karras, Hires sampler: DPM++ 2M, Version: v1.10.1", sampler="DPM++ 2M Karras"
+    )
+    recipe = recipe_of(tmp_path, text)
+    assert recipe.karras and recipe.second_pass().karras  # A1111's "Use same scheduler", not 1.8's Uniform
+
+
 def test_a_schedule_in_the_sampler_name_wins_over_schedule_type(tmp_path):
     recipe = recipe_of(
         tmp_path, infotext(", Schedule type: Karras, Version: v1.10.1", sampler="DPM++ 2M SDE Exponential")

@@ -288,3 +288,13 @@ def test_bad_arguments_are_refused():
         ImageNoise((8, 8), [1])
     with pytest.raises(ValueError, match="seeds"):
         ImageNoise(SHAPE, [])
+
+
+@pytest.mark.parametrize("source", ["a1111", "a1111-cpu"])
+def test_ensd_adds_to_a_wrapped_negative_seed_as_a1111_adds_to_the_negative_one(source):
+    """A1111's Seed -5 with ENSD 31337 seeds its step noise with 31332; sdbatch reads -5 as
+    2**64-5 (torch's two's complement): seed + ENSD must wrap to the same 31332, not overflow."""
+    noise = ImageNoise(SHAPE, [2**64 - 5], source=source, ensd=31337)
+    noise.first()
+    expected = NoiseGenerator(31332, source)
+    assert torch.equal(noise.next()[0], expected.randn(SHAPE))

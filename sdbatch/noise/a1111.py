@@ -160,7 +160,9 @@ class ImageNoise:
         self._started = True
         xs = [self._first_one(i) for i in range(len(self.seeds))]
         if self.ensd:
-            self._generators = [NoiseGenerator(s + self.ensd, self.source) for s in self.seeds]
+            # as 64-bit seeds, as torch's manual_seed and A1111's Philox take seed + ENSD (a seed near
+            # 2**64, a negative A1111 seed read as its two's complement, or a negative ENSD would overflow)
+            self._generators = [NoiseGenerator((s + self.ensd) % 2**64, self.source) for s in self.seeds]
         return torch.stack(xs)
 
     def next(self) -> torch.Tensor:

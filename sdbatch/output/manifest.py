@@ -200,7 +200,7 @@ def whole_png(path: Path, size: int | None = None) -> bool:
     """A regular file (not a link) holding a whole PNG: signature and header at the start, the end
     chunk at the end, and `size` bytes when a size is given. Cheap: two small reads."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block the open
     except OSError:
         return False
     try:

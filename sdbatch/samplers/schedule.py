@@ -45,7 +45,8 @@ class NoiseSchedule:
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, train_steps, dtype=torch.float32) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # float32, t=0..999
-        self.log_sigmas = torch.from_numpy(self.sigmas).log().numpy()
+        self.log_sigmas = np.log(self.sigmas)  # diffusers' (numpy)
+        self.k_log_sigmas = torch.from_numpy(self.sigmas).log()  # k-diffusion's `log_sigmas` buffer
         self.train_steps = train_steps
 
     @classmethod
@@ -66,7 +67,8 @@ class NoiseSchedule:
         sigmas = ((1 - alphas) / alphas) ** 0.5  # each op rounded to fp16, as on the GPU
         schedule = cls.from_alphas_cumprod(alphas.float())
         schedule.sigmas = sigmas.float().numpy()
-        schedule.log_sigmas = sigmas.log().float().numpy()
+        schedule.k_log_sigmas = sigmas.log().float()  # k-diffusion keeps the fp16 logs, not log(sigmas)
+        schedule.log_sigmas = schedule.k_log_sigmas.numpy()
         return schedule
 
     @classmethod
@@ -76,7 +78,8 @@ class NoiseSchedule:
         schedule.alphas_cumprod = alphas_cumprod.float().cpu()
         a = schedule.alphas_cumprod
         schedule.sigmas = (((1 - a) / a) ** 0.5).numpy()
-        schedule.log_sigmas = torch.from_numpy(schedule.sigmas).log().numpy()
+        schedule.log_sigmas = np.log(schedule.sigmas)
+        schedule.k_log_sigmas = torch.from_numpy(schedule.sigmas).log()
         schedule.train_steps = len(a)
         return schedule
 

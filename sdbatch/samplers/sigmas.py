@@ -21,7 +21,7 @@ from .schedule import NoiseSchedule, StepPlan
 
 def _log_sigmas(schedule: NoiseSchedule, device: torch.device | str = "cpu") -> torch.Tensor:
     """k-diffusion's `log_sigmas` buffer (in fp16 for A1111's downcast schedule: not log(sigmas))."""
-    return torch.from_numpy(schedule.log_sigmas).to(device)
+    return schedule.k_log_sigmas.to(device)
 
 
 def sigma_to_t(schedule: NoiseSchedule, sigma: torch.Tensor) -> torch.Tensor:
