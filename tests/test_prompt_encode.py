@@ -339,7 +339,9 @@ def test_prompts_with_different_chunk_counts_share_a_batch():
         alone = pipe.render([Request(recipe)])[0]
         diff = max_diff(alone.latents, result.latents)  # float rounding of batched matmuls only
         REPORT.append(f"mixed chunk counts, batched vs alone: max latent difference {diff:.1e}")
-        assert diff <= 1e-4
+        # 1.1e-4 on some CPUs (the same at this test's first commit); padding that depends on the
+        # batch-mates, the failure this guards against, moves latents by 1e-2 and more
+        assert diff <= 5e-4
 
 
 # ----------------------------------------------------------------------------------------------------
