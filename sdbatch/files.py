@@ -144,10 +144,13 @@ def own_path(path: Path, folder: bool = False) -> Path:
     line when it is a link, or something else (a folder where the manifest goes, a file named
     sheets), before anything is rendered, rather than failing on it after the images are made."""
     no_link(path)
-    if os.path.lexists(path) and (os.path.isdir(path) if not folder else not os.path.isdir(path)):
-        what = "a folder" if os.path.isdir(path) else "not a folder"
-        raise InputError(f"{path}: is {what}, where sdbatch keeps its {'folder' if folder else 'file'}; move it away")
-    if not folder and os.path.lexists(path) and not os.path.isfile(path):
+    if not os.path.lexists(path):
+        return path
+    if folder and not os.path.isdir(path):
+        raise InputError(f"{path}: is not a folder, where sdbatch keeps its folder; move it away")
+    if not folder and os.path.isdir(path):
+        raise InputError(f"{path}: is a folder, where sdbatch keeps its file; move it away")
+    if not folder and not os.path.isfile(path):
         raise InputError(f"{path}: not a regular file (a FIFO, a device), where sdbatch keeps its file; move it away")
     return path
 

@@ -9,7 +9,7 @@ from typing import Any
 from . import __version__
 from .addons.embeddings import IMAGE_SUFFIXES
 from .addons.library import EMBEDDING_SUFFIXES, LORA_SUFFIXES, UPSCALER_SUFFIXES, Addons, Folders, check_addons
-from .checkpoints import model_sha256, resolve_model
+from .checkpoints import is_name, model_sha256, resolve_model
 from .errors import InputError
 from .files import content_sha256, prepare_folder, write_atomic
 from .images import image_sha256, open_image
@@ -138,8 +138,8 @@ def _recorded_model(record: dict[str, Any], path: str, shown: str) -> str:
     if _found(path):
         return path
     name, sha256 = record.get("name"), record.get("sha256")
-    plain = isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts
-    if plain and isinstance(sha256, str) and _found(name):  # a name, never a path a crafted image names
+    plain = isinstance(name, str) and name and is_name(name)  # a name, never a path a crafted image names
+    if plain and isinstance(sha256, str) and _found(name):
         found = resolve_model(name)
         if model_sha256(found) == sha256:
             return str(found)

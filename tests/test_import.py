@@ -99,6 +99,8 @@ def test_strict_import_refuses_naming_what_it_cannot_reproduce(path):
 # is the A1111 fields it must refuse (exactly these), a text a fragment of the one-line error (an add-on
 # these tests do not have, a size A1111's UI cannot give), None: it imports. SDXL and SD 2.x images
 # (AS_IS) keep their own hash: sdbatch must refuse them, whatever it names.
+ADDNET = ("Face restoration", "AddNet Enabled", "AddNet Module 1", "AddNet Model 1", "AddNet Weight A 1")
+ADDNET += ("AddNet Weight B 1",)  # 061 and 062: kohya's Additional Networks extension, and CodeFormer
 REFUSED = {
     "033": ("VAE hash", "VAE"),  # SDXL (Pony, Forge): refused for its VAE; no SDXL model is here either
     "034": "LoRA '(风格)线稿3.0animeLineartMangaLike_v30MangaLike' not found",
@@ -149,22 +151,8 @@ REFUSED = {
     "058": ("Face restoration",),  # Batch size is not among them
     "059": "no model with Model hash 4bdfc29c",  # SD 2.1 768-v
     "060": "no model with Model hash 4bdfc29c",
-    "061": (
-        "Face restoration",
-        "AddNet Enabled",
-        "AddNet Module 1",
-        "AddNet Model 1",
-        "AddNet Weight A 1",
-        "AddNet Weight B 1",
-    ),
-    "062": (
-        "Face restoration",
-        "AddNet Enabled",
-        "AddNet Module 1",
-        "AddNet Model 1",
-        "AddNet Weight A 1",
-        "AddNet Weight B 1",
-    ),
+    "061": ADDNET,
+    "062": ADDNET,
     "063": ("VAE hash", "VAE", "FreeU Stages", "FreeU Schedule", "FreeU Version"),
     "064": None,
     "065": None,

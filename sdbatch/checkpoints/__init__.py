@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..models.configs import SDConfig
 from .hashing import cache_dir, file_sha256
 from .kinds import Kind, detect_kind
-from .locate import SHIPPED_WEIGHTS, resolve_model, weights_dir
+from .locate import SHIPPED_WEIGHTS, is_name, resolve_model, weights_dir
 from .read import CheckpointError, TensorRef, WeightsFile, read_weights
 from .source import (
     CONFIG_METADATA_KEY,
@@ -84,6 +84,7 @@ __all__ = [
     "detect_kind",
     "file_sha256",
     "is_diffusers_folder",
+    "is_name",
     "load_model",
     "model_config",
     "model_defaults",

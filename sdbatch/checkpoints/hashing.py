@@ -5,11 +5,10 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from stat import S_ISREG
 from typing import BinaryIO
 
 from ..files import write_atomic
-from .read import CheckpointError
+from .read import CheckpointError, require_regular_file
 
 
 def cache_dir() -> Path:
@@ -41,8 +40,7 @@ def addnet_sha256(path: str | Path) -> str:
 def _cached(path: str | Path, part: str, seek: Callable[[BinaryIO], BinaryIO]) -> str:
     path = Path(path).resolve()
     stat = path.stat()
-    if not S_ISREG(stat.st_mode):  # /dev/zero would hash for ever, a FIFO block in open()
-        raise CheckpointError(f"{path}: not a regular file (a device, a FIFO, a socket): name a weights file")
+    require_regular_file(path)
     name = str(path) if part == "file" else f"{path}#{part}"  # file hashes keep their old cache entries
     entry = cache_dir() / "hashes" / (hashlib.sha1(os.fsencode(name)).hexdigest() + ".json")
     stamp = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}

@@ -23,7 +23,7 @@ def resolve_model(model: str | Path) -> Path:
         return _model_file(path)
     looked = []
     shown = str(model) if len(str(model)) <= 200 else str(model)[:199] + "…"
-    if path.is_absolute() or ".." in path.parts:  # a name is looked up inside the weights folders only
+    if not is_name(model):  # a name is looked up inside the weights folders only
         raise CheckpointError(f"model {shown!r} not found")
     for base in dict.fromkeys((weights_dir(), SHIPPED_WEIGHTS)):
         for candidate in (base / path, base / f"{model}.safetensors", base / f"{model}.ckpt"):
@@ -31,6 +31,12 @@ def resolve_model(model: str | Path) -> Path:
             if _exists(candidate):
                 return _model_file(candidate)
     raise CheckpointError(f"model {shown!r} not found; looked for {', '.join(p[:300] for p in looked[:4])}")
+
+
+def is_name(model: str | Path) -> bool:
+    """Whether `model` can name a model inside the weights folders: not absolute, no `..`."""
+    path = Path(model)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def _exists(path: Path) -> bool:

@@ -49,6 +49,13 @@ class WeightsFile:
         return {k: ref.shape for k, ref in self.tensors.items()}
 
 
+def require_regular_file(path: Path) -> None:
+    """CheckpointError unless `path` (links followed) is a regular file: /dev/zero would be read or
+    hashed for ever, a FIFO block in open()."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a device, a FIFO, a socket): name a weights file")
+
+
 def read_weights(path: str | Path) -> WeightsFile:
     """Open a weights file lazily, or raise CheckpointError saying why it is not one."""
     path = Path(path)
@@ -56,8 +63,7 @@ def read_weights(path: str | Path) -> WeightsFile:
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, expected a weights file")
-    if not path.is_file():  # a FIFO would block in open(), a device read for ever
-        raise CheckpointError(f"{path}: not a regular file (a device, a FIFO, a socket): name a weights file")
+    require_regular_file(path)
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes); was the download interrupted?")
